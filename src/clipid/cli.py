@@ -1,0 +1,64 @@
+"""``clipid <stage>``: the commands DVC stages run. Each reads ``params.yaml`` (or ``--params``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from clipid.config import load_params
+from clipid.errors import ClipidError
+
+PREPARED = Path("data/prepared")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from clipid.stages.prepare import prepare
+
+    prepare(load_params(args.params), PREPARED, Path("metrics/data.json"))
+
+
+def _clean_captions(args: argparse.Namespace) -> None:
+    from clipid.stages.clean_captions import clean_captions
+
+    clean_captions(load_params(args.params), PREPARED / "manifest.csv",
+                   PREPARED / "image_texts.json", Path("metrics/captions.json"))
+
+
+def _check_params(args: argparse.Namespace) -> None:
+    load_params(args.params)
+    print(f"{args.params}: ok")
+
+
+COMMANDS = {
+    "prepare": (_prepare, "cache the data set's images and write data/prepared/manifest.csv"),
+    "clean-captions": (_clean_captions, "clean raw captions into data/prepared/image_texts.json"),
+    "check-params": (_check_params, "validate params.yaml and exit"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipid", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
+                         help="parameter file (default: params.yaml)")
+        cmd.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ClipidError as exc:
+        print(f"clipid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Typed pipeline parameters loaded from ``params.yaml``.
+
+Every knob of the pipeline is a field of a dataclass below; ``load_params`` turns the YAML file
+into a :class:`Params` object and rejects unknown keys, wrong types and out-of-range values with a
+message that names the file, the line and the dotted key. Nothing else in clipid reads raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from clipid.errors import ClipidError
+
+__all__ = [
+    "ConfigError",
+    "DataParams",
+    "CaptionParams",
+    "Hands11kParams",
+    "ModelParams",
+    "Params",
+    "SyntheticParams",
+    "load_params",
+    "params_from_dict",
+    "flatten_params",
+]
+
+
+class ConfigError(ClipidError, ValueError):
+    """A parameter file that does not describe a valid :class:`Params`."""
+
+
+def _spec(default: Any, *, ge: float | None = None, le: float | None = None,
+          gt: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with an allowed numeric range kept in its metadata."""
+    bounds = {k: v for k, v in {"ge": ge, "le": le, "gt": gt, "lt": lt}.items() if v is not None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"bounds": bounds})
+    return field(default=default, metadata={"bounds": bounds})
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    items: int = _spec(240, ge=4)                 # garment identities in total (train + test)
+    test_fraction: float = _spec(0.5, gt=0, lt=1)  # share of identities held out for evaluation
+    views: int = _spec(4, ge=2)                   # images per identity
+    query_views: int = _spec(1, ge=1)             # views per test identity that become queries
+    image_size: int = _spec(96, ge=32, le=1024)   # side of the drawn images in pixels
+    empty_caption_rate: float = _spec(0.08, ge=0, le=1)  # share of raw captions left empty
+
+
+@dataclass(frozen=True)
+class Hands11kParams:
+    aspect: Literal["dorsal_r", "dorsal_l", "palmar_r", "palmar_l"] = "dorsal_r"
+    exclude_accessories: bool = True
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "inshop", "hands11k", "manifest"] = "synthetic"
+    root: str = ""
+    seed: int = _spec(0, ge=0)
+    cache_size: int = _spec(80, ge=16, le=2048)
+    cache_format: Literal["png", "jpg"] = "png"
+    splits: int = _spec(10, ge=1)
+    max_rejected_fraction: float = _spec(0.05, ge=0, le=1)
+    workers: int = _spec(2, ge=0)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    hands11k: Hands11kParams = field(default_factory=Hands11kParams)
+
+
+@dataclass(frozen=True)
+class CaptionParams:
+    casing: Literal["lower", "sentence", "keep"] = "lower"
+    fallback: str = "a photo of a {noun}"
+    noun: str = "garment"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = "clipid-vit-tiny"
+    pretrained: str = ""
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    captions: CaptionParams = field(default_factory=CaptionParams)
+    model: ModelParams = field(default_factory=ModelParams)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML loading
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-05`` (as written by ``dvc exp run -S``) as a float.
+
+    PyYAML implements YAML 1.1, whose float pattern requires a dot, so ``1e-05`` would be a string.
+    """
+
+
+_ParamsLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line number, for error messages."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a parameter file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+        root = yaml.compose(text, Loader=_ParamsLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    lines = _key_lines(root) if root is not None else {}
+    return params_from_dict(raw or {}, source=str(path), lines=lines)
+
+
+def params_from_dict(raw: dict[str, Any], *, source: str = "<params>",
+                     lines: dict[str, int] | None = None) -> Params:
+    """Build :class:`Params` from a nested dict, validating every key and value."""
+    return _build(Params, raw, "", source, lines or {})
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    return f"{source}:{line}" if line else source
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    where_self = _where(source, lines, prefix.rstrip("."))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where_self}: '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{_where(source, lines, dotted)}: unknown key '{dotted}'{hint}")
+        kwargs[key] = _convert(hints[key], fields[key], value, dotted, source, lines)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, fld: dataclasses.Field, value: Any, key: str, source: str,
+             lines: dict[str, int]) -> Any:
+    where = _where(source, lines, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source, lines)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{where}: '{key}' is {value!r}; allowed values: {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [_convert(item_tp, fld, v, f"{key}[{i}]", source, lines)
+                for i, v in enumerate(value)]
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported parameter type {tp!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{where}: '{key}' must be {tp.__name__}, got {value!r}")
+    bounds = fld.metadata.get("bounds", {})
+    if bounds and not _in_bounds(value, bounds):
+        raise ConfigError(f"{where}: '{key}' is {value!r}; allowed range: {_describe(bounds)}")
+    return value
+
+
+def _in_bounds(value: float, bounds: dict[str, float]) -> bool:
+    return (value >= bounds.get("ge", float("-inf")) and value <= bounds.get("le", float("inf"))
+            and value > bounds.get("gt", float("-inf")) and value < bounds.get("lt", float("inf")))
+
+
+def _describe(bounds: dict[str, float]) -> str:
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(f"{symbols[k]} {v}" for k, v in bounds.items())
+
+
+def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"data.source": "synthetic", ...}``: the form MLflow and reports use."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(flatten_params(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = value
+    return flat

@@ -1,0 +1,1 @@
+"""Data sources, image loading, caption cleaning and the synthetic data set."""

@@ -1,0 +1,1 @@
+"""One entry point per DVC stage; ``clipid <stage>`` calls them."""

@@ -1,0 +1,112 @@
+"""Tiny data sets written in the real formats, with the quirks real ones have."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# DVC and MLflow must never phone home from a test.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def draw(path: Path, seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Path:
+    """A small random image, saved in ``mode`` by suffix."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+@pytest.fixture
+def inshop_root(tmp_path: Path) -> Path:
+    """DeepFashion In-shop layout: 3 items, train/query/gallery, descriptions for two items."""
+    root = tmp_path / "inshop"
+    rows = [
+        ("img/WOMEN/Dresses/id_00000002/01_1_front.jpg", "id_00000002", "train"),
+        ("img/WOMEN/Dresses/id_00000002/01_2_side.jpg", "id_00000002", "train"),
+        ("img/MEN/Denim/id_00000007/01_1_front.jpg", "id_00000007", "query"),
+        ("img/MEN/Denim/id_00000007/01_2_side.jpg", "id_00000007", "gallery"),
+        ("img/WOMEN/Blouses_Shirts/id_00000011/02_1_front.jpg", "id_00000011", "query"),
+        ("img/WOMEN/Blouses_Shirts/id_00000011/02_3_back.jpg", "id_00000011", "gallery"),
+    ]
+    for i, (image, _, _) in enumerate(rows):
+        draw(root / image, i, size=(64, 96))
+    lines = [str(len(rows)), "image_name item_id evaluation_status"]
+    # padded with runs of spaces, like the real file
+    lines += [f"{image}   {item}  {status}" for image, item, status in rows]
+    (root / "Eval").mkdir()
+    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    descriptions = [
+        {"item": "id_00000002", "color": "Red",
+         "description": ["A flowing dress.", "Short sleeves."]},
+        {"item": "id_00000007", "color": "Blue", "description": ["Slim jeans."]},
+    ]
+    (root / "Anno").mkdir()
+    (root / "Anno" / "list_description_inshop.json").write_text(json.dumps(descriptions))
+    return root
+
+
+HANDS_HEADER = ["id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
+                "imageName", "irregularities"]
+
+
+@pytest.fixture
+def hands_root(tmp_path: Path) -> Path:
+    """11k Hands layout: 4 subjects with string ids (leading zeros, a stray space), mixed aspects,
+    one image with accessories."""
+    root = tmp_path / "hands"
+    rows = []
+    n = 0
+    for subject, age, gender in [("0000000", 27, "male"), ("0000002", 19, "female"),
+                                 (" 0000010", 33, "male"), ("0000011", 45, "female")]:
+        for k in range(3):
+            n += 1
+            name = f"Hand_{n:07d}.jpg"
+            draw(root / "Hands" / name, n, size=(80, 60))
+            rows.append([subject, age, gender, "fair", 1 if k == 2 and subject == "0000002" else 0,
+                         0, "dorsal right", name, 0])
+        n += 1
+        name = f"Hand_{n:07d}.jpg"
+        draw(root / "Hands" / name, n, size=(80, 60))
+        rows.append([subject, age, gender, "dark", 0, 1, "palmar left", name, 0])
+    with (root / "HandInfo.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HANDS_HEADER)
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def manifest_root(tmp_path: Path) -> Path:
+    """A CSV manifest with cameras, captions and one image per quirky mode."""
+    root = tmp_path / "manifest"
+    rows = []
+    modes = ["RGB", "CMYK", "P", "RGBA", "L", "RGB"]
+    for i in range(12):
+        item = f"{i // 3:03d}"  # leading zeros must survive
+        split = "train" if i < 6 else ("query" if i % 3 == 0 else "gallery")
+        suffix = ".jpg" if modes[i % len(modes)] in ("CMYK", "L") else ".png"
+        image = f"pics/{i}{suffix}"
+        draw(root / image, i, mode=modes[i % len(modes)])
+        rows.append({"image": image, "item_id": item, "split": split, "camera": i % 2,
+                     "caption": f"  <b>Item</b> {i} &amp; more  "})
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "item_id", "split", "camera", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
