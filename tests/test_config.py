@@ -109,3 +109,10 @@ def test_flatten_params_uses_dotted_keys():
     flat = flatten_params(Params())
     assert flat["data.synthetic.items"] == Params().data.synthetic.items
     assert flat["model.name"] == Params().model.name
+
+
+def test_partial_section_keeps_that_sections_defaults():
+    params = params_from_dict({"stage4": {"triplet_weight": 2.0}})
+    assert params.stage4.triplet_weight == 2.0
+    assert params.stage4.sampler == "pk" and params.stage4.init == "stage3"
+    assert params_from_dict({"stage3": {}}).stage3.train_text is True

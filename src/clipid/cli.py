@@ -26,6 +26,12 @@ def _clean_captions(args: argparse.Namespace) -> None:
                    PREPARED / "image_texts.json", Path("metrics/captions.json"))
 
 
+def _zeroshot(args: argparse.Namespace) -> None:
+    from clipid.stages.evaluate import PRETRAINED_STAGE, evaluate_stage
+
+    evaluate_stage(load_params(args.params), PRETRAINED_STAGE)
+
+
 def _check_params(args: argparse.Namespace) -> None:
     load_params(args.params)
     print(f"{args.params}: ok")
@@ -34,6 +40,7 @@ def _check_params(args: argparse.Namespace) -> None:
 COMMANDS = {
     "prepare": (_prepare, "cache the data set's images and write data/prepared/manifest.csv"),
     "clean-captions": (_clean_captions, "clean raw captions into data/prepared/image_texts.json"),
+    "zeroshot": (_zeroshot, "Stage 1: evaluate the pretrained model, no training"),
     "check-params": (_check_params, "validate params.yaml and exit"),
 }
 

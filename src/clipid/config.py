@@ -24,7 +24,13 @@ __all__ = [
     "ConfigError",
     "DataParams",
     "CaptionParams",
+    "AugmentParams",
+    "EvalParams",
+    "StageParams",
+    "RuntimeParams",
+    "TrainParams",
     "Hands11kParams",
+    "MlflowParams",
     "ModelParams",
     "Params",
     "SyntheticParams",
@@ -91,10 +97,87 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class EvalParams:
+    batch_size: int = _spec(128, ge=1)
+    workers: int = _spec(0, ge=0)
+    flip: bool = False
+    max_rank: int = _spec(50, ge=1)
+    rerank: bool = False
+    rerank_k1: int = _spec(20, ge=1)
+    rerank_k2: int = _spec(6, ge=1)
+    rerank_lambda: float = _spec(0.3, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    flip: bool = True
+    crop_scale: float = _spec(0.7, gt=0, le=1)
+    random_erasing: float = _spec(0.25, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = _spec(0, ge=0)
+    lr: float = _spec(1e-4, gt=0, le=1)
+    epochs: int = _spec(8, ge=1)
+    batch_size: int = _spec(64, ge=2)
+    pk_k: int = _spec(4, ge=1)
+    weight_decay: float = _spec(0.05, ge=0)
+    warmup_epochs: float = _spec(1.0, ge=0)
+    grad_clip: float = _spec(1.0, ge=0)
+    head_lr_mult: float = _spec(10.0, gt=0)
+    label_smoothing: float = _spec(0.1, ge=0, lt=1)
+    triplet_margin: float = _spec(0.3, ge=0)
+    center_lr: float = _spec(0.5, gt=0)
+    workers: int = _spec(0, ge=0)
+    log_every: int = _spec(5, ge=1)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What one fine-tuning stage trains and how: the engine reads nothing else per stage."""
+
+    init: str = "pretrained"
+    train_image: bool = True
+    train_text: bool = False
+    loss: Literal["supcon", "infonce", "none"] = "supcon"
+    contrastive_weight: float = _spec(1.0, ge=0)
+    id_weight: float = _spec(0.0, ge=0)
+    triplet_weight: float = _spec(0.0, ge=0)
+    center_weight: float = _spec(0.0, ge=0)
+    sampler: Literal["random", "pk"] = "random"
+    epochs: int = _spec(0, ge=0)
+    lr_mult: float = _spec(1.0, gt=0)
+    text_lr_mult: float = _spec(1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    device: str = "auto"
+    threads: int = _spec(0, ge=0)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    log_checkpoints: bool = True
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     captions: CaptionParams = field(default_factory=CaptionParams)
     model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    stage2: StageParams = field(default_factory=StageParams)
+    stage3: StageParams = field(default_factory=lambda: StageParams(
+        init="stage2", train_text=True, text_lr_mult=0.1))
+    stage4: StageParams = field(default_factory=lambda: StageParams(
+        init="stage3", loss="none", id_weight=1.0, triplet_weight=1.0, center_weight=5e-4,
+        sampler="pk"))
+    eval: EvalParams = field(default_factory=EvalParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,12 +239,21 @@ def params_from_dict(raw: dict[str, Any], *, source: str = "<params>",
     return _build(Params, raw, "", source, lines or {})
 
 
+def _default(fld: dataclasses.Field) -> Any:
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    return fld.default
+
+
 def _where(source: str, lines: dict[str, int], key: str) -> str:
     line = lines.get(key)
     return f"{source}:{line}" if line else source
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int],
+           base: Any = None) -> Any:
+    """``cls`` from ``raw``; keys ``raw`` leaves out keep the values of ``base`` (the field's own
+    default, so a partial ``stage3:`` section keeps stage 3's defaults)."""
     where_self = _where(source, lines, prefix.rstrip("."))
     if not isinstance(raw, dict):
         raise ConfigError(f"{where_self}: '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
@@ -176,14 +268,14 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int])
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"{_where(source, lines, dotted)}: unknown key '{dotted}'{hint}")
         kwargs[key] = _convert(hints[key], fields[key], value, dotted, source, lines)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _convert(tp: Any, fld: dataclasses.Field, value: Any, key: str, source: str,
              lines: dict[str, int]) -> Any:
     where = _where(source, lines, key)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", source, lines)
+        return _build(tp, value, key + ".", source, lines, base=_default(fld))
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -1,0 +1,116 @@
+"""The evaluation every stage shares: image-to-image re-identification and text-to-image search
+on the prepared query/gallery split, averaged over its Monte-Carlo draws."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipid.config import EvalParams
+from clipid.data.dataset import PreparedData
+from clipid.features import image_features, text_features
+from clipid.metrics import (
+    aggregate_draws,
+    evaluate_rank,
+    k_reciprocal_rerank,
+    recall_at_k,
+    summarise,
+    text_to_image,
+)
+from clipid.models.factory import ClipModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalResult", "evaluate", "write_results"]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]   # {"i2i": {...}, "t2i": {...}, "queries": N, "draws": D}
+    cmc: np.ndarray           # image-to-image CMC, averaged over draws
+
+
+def _cameras(rows) -> np.ndarray | None:
+    cams = rows["camera"].to_numpy()
+    return cams if (cams >= 0).all() else None  # unknown cameras: nothing is filtered
+
+
+def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
+             device: str | torch.device = "cpu") -> EvalResult:
+    """Embed every test image once, then score each draw."""
+    test = data.table[data.table["split"].isin(["query", "gallery"])]
+    images = sorted(test["image"].unique())
+    if not images:
+        raise ValueError(f"{data.root / 'manifest.csv'}: no query or gallery images")
+    position = {image: i for i, image in enumerate(images)}
+    feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
+                           batch_size=params.batch_size, workers=params.workers, flip=params.flip,
+                           device=device).numpy()
+    query_images = sorted(test.loc[test["split"] == "query", "image"].unique())
+    captions = data.captions(test[test["image"].isin(query_images)].drop_duplicates("image"))
+    caption_of = dict(zip(query_images, captions, strict=True)) if data.texts else {}
+    text_feats = {}
+    if caption_of and hasattr(clip.model, "encode_text"):
+        unique = sorted(set(caption_of.values()))
+        encoded = text_features(clip.model, clip.tokenizer, unique, batch_size=params.batch_size,
+                                device=device).numpy()
+        text_feats = dict(zip(unique, encoded, strict=True))
+
+    per_draw, cmcs = [], []
+    for draw in data.draws:
+        q, g = data.rows("query", draw), data.rows("gallery", draw)
+        qf = feats[[position[p] for p in q["image"]]]
+        gf = feats[[position[p] for p in g["image"]]]
+        dist = 1.0 - qf @ gf.T
+        if params.rerank:
+            dist = k_reciprocal_rerank(dist, 1.0 - qf @ qf.T, 1.0 - gf @ gf.T, k1=params.rerank_k1,
+                                       k2=params.rerank_k2, lambda_value=params.rerank_lambda)
+        q_ids, g_ids = q["item_id"].to_numpy(), g["item_id"].to_numpy()
+        cmc, mean_ap = evaluate_rank(dist, q_ids, g_ids, _cameras(q), _cameras(g),
+                                     max_rank=params.max_rank)
+        i2i = summarise(cmc, mean_ap)
+        i2i.update(recall_at_k(dist, q_ids, g_ids, ks=(1, 10, 20)))
+        result: dict[str, Any] = {"i2i": i2i, "queries": len(q), "gallery": len(g)}
+        if text_feats:
+            tf = np.stack([text_feats[caption_of[p]] for p in q["image"]])
+            result["t2i"] = text_to_image(tf @ gf.T, q_ids, g_ids)
+        per_draw.append(result)
+        cmcs.append(cmc)
+
+    metrics: dict[str, Any] = {}
+    for block in ("i2i", "t2i"):
+        if block in per_draw[0]:
+            metrics[block] = aggregate_draws([r[block] for r in per_draw])
+    metrics["queries"] = per_draw[0]["queries"]
+    metrics["gallery"] = per_draw[0]["gallery"]
+    metrics["draws"] = len(per_draw)
+    length = min(len(c) for c in cmcs)
+    return EvalResult(metrics, np.mean([c[:length] for c in cmcs], axis=0))
+
+
+def write_results(result: EvalResult, metrics_path: Path, cmc_path: Path,
+                  extra: dict[str, Any] | None = None) -> None:
+    """``metrics/<stage>.json`` and the CMC curve as a DVC plot file."""
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    content = {**result.metrics, **(extra or {})}
+    metrics_path.write_text(json.dumps(_rounded(content), indent=2) + "\n", encoding="utf-8")
+    cmc_path.parent.mkdir(parents=True, exist_ok=True)
+    curve = [{"rank": i + 1, "cmc": round(float(v), 6)} for i, v in enumerate(result.cmc)]
+    cmc_path.write_text(json.dumps(curve, indent=1) + "\n", encoding="utf-8")
+
+
+def _rounded(value: Any) -> Any:
+    """Six decimals: enough for any comparison, and metric diffs stay readable."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

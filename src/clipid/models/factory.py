@@ -1,0 +1,117 @@
+"""Creating models: an open_clip architecture with pretrained weights, random weights, a local
+weight file, or a clipid checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from clipid.errors import ClipidError
+from clipid.models import get_model_config
+from clipid.models.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClipModel", "ModelLoadError", "create_model", "load_model", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class ModelLoadError(ClipidError):
+    """Weights that cannot be had: unknown tag, missing file, offline machine."""
+
+
+@dataclass
+class ClipModel:
+    """A CLIP model with what it needs around it: its transforms, its tokenizer, and where its
+    weights came from (recorded with every run)."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    architecture: str
+    weights: str                    # "random", an open_clip tag, a file path or a checkpoint path
+    metadata: dict[str, Any] = field(default_factory=dict)  # a checkpoint's sidecar, if any
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _transforms(model: torch.nn.Module) -> tuple[Callable, Callable]:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = PreprocessCfg(**model.visual.preprocess_cfg)
+    train = image_transform_v2(cfg, is_train=True)
+    val = image_transform_v2(cfg, is_train=False)
+    return train, val
+
+
+def _looks_like_file(pretrained: str) -> bool:
+    return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
+
+
+def create_model(name: str, pretrained: str = "", seed: int = 0,
+                 device: str | torch.device = "cpu") -> ClipModel:
+    """Build ``name`` with weights from ``pretrained``.
+
+    ``pretrained`` is an open_clip tag (``openai``, downloaded and cached by open_clip), a local
+    ``.safetensors``/``.pt`` file (read with ``weights_only``: no pickled code runs), or empty for a
+    seeded random initialisation (logged as a warning).
+    """
+    get_model_config(name)  # a clear error for an unknown architecture
+    if not pretrained:
+        log.warning("model.pretrained is empty: %s starts from RANDOM weights (seed %d)", name, seed)
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None, device=device)
+        weights = "random"
+    elif _looks_like_file(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"model.pretrained: weight file '{path}' not found")
+        try:
+            model = open_clip.create_model(name, pretrained=None, device=device)
+            open_clip.load_checkpoint(model, str(path), weights_only=True, device=str(device))
+        except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as exc:
+            raise ModelLoadError(f"model.pretrained: cannot load '{path}' into {name}: "
+                                 f"{str(exc).splitlines()[0]}") from exc
+        weights = str(path)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ModelLoadError(f"model.pretrained: '{pretrained}' is not a pretrained tag of "
+                                 f"{name} (tags: {', '.join(tags) or 'none'}) nor a weight file")
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+            raise ModelLoadError(
+                f"model.pretrained: could not get the '{pretrained}' weights of {name} (is this "
+                f"machine offline?): {str(exc).splitlines()[0]}\nOn a machine with internet, "
+                f"open_clip.create_model('{name}', pretrained='{pretrained}') caches them under "
+                "~/.cache/huggingface; or save the weights as a .safetensors/.pt file and set "
+                "model.pretrained to its path.") from exc
+        weights = pretrained
+    model.eval()
+    train, val = _transforms(model)
+    return ClipModel(model, train, val, open_clip.get_tokenizer(name), name, weights)
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> ClipModel:
+    """A model saved by clipid: the architecture from the sidecar, the weights from safetensors."""
+    state, meta = load_checkpoint(checkpoint)
+    name = meta["architecture"]
+    model = open_clip.create_model(name, pretrained=None, device=device)
+    clip_state = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    model.load_state_dict(clip_state, strict=True)
+    model.eval()
+    train, val = _transforms(model)
+    return ClipModel(model, train, val, open_clip.get_tokenizer(name), name, str(checkpoint), meta)

@@ -1,0 +1,1 @@
+"""The one training engine and its parts; stages differ only by their ``StageParams``."""

@@ -1,0 +1,380 @@
+"""The training engine: one loop for every fine-tuning stage.
+
+A stage is a :class:`~clipid.config.StageParams`: the checkpoint it starts from, the towers that
+train, the loss terms and their weights, the sampler. Everything else (optimiser, schedule,
+augmentation, checkpointing, resuming, logging) is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from clipid.config import Params, StageParams, flatten_params
+from clipid.data.dataset import PreparedData
+from clipid.errors import ClipidError
+from clipid.features import text_features
+from clipid.losses import (
+    CenterLoss,
+    CrossEntropyLabelSmooth,
+    InfoNCELoss,
+    SupConLoss,
+    TripletLoss,
+    world_info,
+)
+from clipid.models.checkpoint import save_checkpoint
+from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.samplers import PKSampler, ShardedRandomSampler
+from clipid.training.heads import BNNeckClassifier
+from clipid.training.schedule import param_groups, warmup_cosine
+from clipid.training.state import load_state, save_state
+from clipid.training.towers import set_trainable, tower_parameters
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "Trainer", "build_train_transform", "stage_params"]
+
+FINE_TUNING_STAGES = ("stage2", "stage3", "stage4")
+
+
+def stage_params(params: Params, stage: str) -> StageParams:
+    spec = getattr(params, stage, None)
+    if not isinstance(spec, StageParams):
+        raise ClipidError(f"unknown training stage '{stage}' (known: "
+                          f"{', '.join(FINE_TUNING_STAGES)})")
+    return spec
+
+
+def build_train_transform(clip: ClipModel, params: Params) -> Callable:
+    """Augmentation in the model's own preprocessing frame (size, mean, std)."""
+    cfg = clip.model.visual.preprocess_cfg
+    aug = params.train.augment
+    steps: list[Any] = [T.RandomResizedCrop(cfg["size"], scale=(aug.crop_scale, 1.0),
+                                            interpolation=T.InterpolationMode.BICUBIC)]
+    if aug.flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+    if aug.random_erasing > 0:
+        steps.append(T.RandomErasing(p=aug.random_erasing, value=0))
+    return T.Compose(steps)
+
+
+class TrainDataset(Dataset):
+    """Training images with their identity label and the index of their caption."""
+
+    def __init__(self, paths: list[Path], labels: list[int], caption_index: list[int],
+                 transform: Callable):
+        self.paths, self.labels, self.caption_index = paths, labels, caption_index
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), self.labels[i], self.caption_index[i]
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    epochs: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch mean losses
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Towers(nn.Module):
+    """The forward pass DDP wraps: both towers and the logit scale, so that every trained
+    parameter is used inside ``forward`` and its gradient is averaged across processes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        text = self.model.encode_text(tokens) if tokens is not None else None
+        # Capped as in CLIP: a temperature below 1/100 makes training unstable.
+        return self.model.encode_image(images), text, self.model.logit_scale.exp().clamp(max=100)
+
+
+class Trainer:
+    """Trains one stage; ``fit`` returns the final checkpoint.
+
+    ``on_log(metrics, step)`` receives the loss terms and learning rate every
+    ``train.log_every`` steps (MLflow in the pipeline, nothing in tests).
+    """
+
+    def __init__(self, params: Params, stage: str, *, device: torch.device,
+                 prepared: Path = Path("data/prepared"), models_dir: Path = Path("models"),
+                 resume_dir: Path | None = None,
+                 on_log: Callable[[dict[str, float], int], None] | None = None,
+                 run_id: str | None = None):
+        self.params, self.stage, self.device = params, stage, device
+        self.spec = stage_params(params, stage)
+        self.models_dir = models_dir
+        self.out_path = models_dir / stage / "model.safetensors"
+        self.resume_dir = resume_dir or Path(".clipid") / "resume" / stage
+        self.on_log = on_log or (lambda metrics, step: None)
+        self.run_id = run_id
+        self.rank, self.world_size = world_info()
+        self.data = PreparedData.load(prepared)
+        self._check_spec()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _check_spec(self) -> None:
+        spec = self.spec
+        if not (spec.train_image or spec.train_text):
+            raise ClipidError(f"{self.stage}: train_image and train_text are both false")
+        if spec.loss == "none" and spec.id_weight == spec.triplet_weight == 0:
+            raise ClipidError(f"{self.stage}: no loss term (loss is none and id_weight, "
+                              "triplet_weight are 0)")
+        if spec.train_text and spec.loss == "none":
+            raise ClipidError(f"{self.stage}: train_text needs an image-text loss "
+                              "(stage.loss supcon or infonce)")
+        if spec.init not in ("pretrained", *FINE_TUNING_STAGES, "clipreid"):
+            raise ClipidError(f"{self.stage}.init: '{spec.init}' is not 'pretrained' nor a stage")
+        if spec.init == self.stage:
+            raise ClipidError(f"{self.stage}.init: a stage cannot start from itself")
+
+    def _initial_model(self) -> ClipModel:
+        if self.spec.init == "pretrained":
+            return create_model(self.params.model.name, self.params.model.pretrained,
+                                seed=self.params.train.seed, device=self.device)
+        return load_model(self.models_dir / self.spec.init / "model.safetensors",
+                          device=self.device)
+
+    def _fingerprint(self, parent: str) -> str:
+        """What a resumable state must match: params, starting weights and training data."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(flatten_params(self.params), sort_keys=True,
+                                 default=str).encode())
+        digest.update(self.stage.encode())
+        digest.update(parent.encode())
+        digest.update(_file_digest(self.data.root / "manifest.csv").encode())
+        texts = self.data.root / "image_texts.json"
+        if texts.is_file():
+            digest.update(_file_digest(texts).encode())
+        digest.update(str(self.world_size).encode())
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self) -> TrainResult:
+        params, spec, device = self.params, self.spec, self.device
+        train_cfg = params.train
+        epochs = spec.epochs or train_cfg.epochs
+        clip = self._initial_model()
+        model = clip.model
+        parent = clip.weights
+        parent_digest = (_file_digest(Path(parent)) if Path(parent).is_file() else parent)
+
+        rows = self.data.rows("train")
+        if rows.empty:
+            raise ClipidError(f"{self.data.root / 'manifest.csv'}: no training images")
+        identities = sorted(rows["item_id"].unique())
+        label_of = {item: i for i, item in enumerate(identities)}
+        labels = [label_of[i] for i in rows["item_id"]]
+        contrastive = spec.loss != "none" and spec.contrastive_weight > 0
+        captions = self.data.captions(rows) if contrastive else [""] * len(rows)
+        unique_captions = sorted(set(captions))
+        caption_index = {c: i for i, c in enumerate(unique_captions)}
+        dataset = TrainDataset(self.data.paths(rows), labels, [caption_index[c] for c in captions],
+                               build_train_transform(clip, params))
+
+        set_trainable(model, image=spec.train_image, text=spec.train_text, scale=contrastive)
+        embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") \
+            and model.text_projection is not None else int(model.visual.output_dim)
+
+        # Frozen text tower: its caption features never change, so compute them once.
+        cached_text = None
+        tokens = None
+        if contrastive and not spec.train_text:
+            cached_text = text_features(model, clip.tokenizer, unique_captions,
+                                        device=device).to(device)
+        elif contrastive:
+            tokens = clip.tokenizer(unique_captions)
+
+        head = BNNeckClassifier(embed_dim, len(identities)).to(device) \
+            if spec.id_weight > 0 else None
+        center = CenterLoss(len(identities), embed_dim).to(device) \
+            if spec.center_weight > 0 else None
+        contrastive_loss = (SupConLoss() if spec.loss == "supcon" else InfoNCELoss()) \
+            if contrastive else None
+        id_loss = CrossEntropyLabelSmooth(len(identities), train_cfg.label_smoothing) \
+            if head is not None else None
+        triplet = TripletLoss(train_cfg.triplet_margin) if spec.triplet_weight > 0 else None
+
+        lr = train_cfg.lr * spec.lr_mult
+        groups = param_groups(tower_parameters(model, "image"), lr, train_cfg.weight_decay,
+                              "image")
+        groups += param_groups(tower_parameters(model, "text"), train_cfg.lr * spec.text_lr_mult,
+                               train_cfg.weight_decay, "text")
+        groups += param_groups(tower_parameters(model, "scale"), lr, 0.0, "scale")
+        if head is not None:
+            groups += param_groups(list(head.named_parameters()), lr * train_cfg.head_lr_mult,
+                                   train_cfg.weight_decay, "head")
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        center_optimizer = torch.optim.SGD(center.parameters(), lr=train_cfg.center_lr) \
+            if center is not None else None
+
+        local_batch = train_cfg.batch_size // self.world_size
+        if spec.sampler == "pk":
+            if local_batch % train_cfg.pk_k:
+                raise ClipidError(f"train.batch_size per process ({local_batch}) must be a "
+                                  f"multiple of train.pk_k ({train_cfg.pk_k})")
+            sampler: Any = PKSampler(labels, p=local_batch // train_cfg.pk_k, k=train_cfg.pk_k,
+                                     seed=train_cfg.seed, rank=self.rank,
+                                     world_size=self.world_size)
+        else:
+            sampler = ShardedRandomSampler(len(dataset), seed=train_cfg.seed, rank=self.rank,
+                                           world_size=self.world_size)
+        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+                            num_workers=train_cfg.workers,
+                            persistent_workers=train_cfg.workers > 0)
+        steps_per_epoch = len(loader)
+        if steps_per_epoch == 0:
+            raise ClipidError(f"{self.stage}: {len(dataset)} training images make no full batch "
+                              f"of train.batch_size={train_cfg.batch_size}")
+        total_steps = epochs * steps_per_epoch
+        scheduler = warmup_cosine(optimizer, round(train_cfg.warmup_epochs * steps_per_epoch),
+                                  total_steps)
+
+        forward: nn.Module = _Towers(model)
+        if self.world_size > 1:
+            forward = nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None)
+
+        fingerprint = self._fingerprint(parent_digest)
+        start_epoch, history, seconds = 0, [], 0.0
+        saved = load_state(self.resume_dir)
+        if saved is not None and saved.get("fingerprint") == fingerprint:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if head is not None:
+                head.load_state_dict(saved["head"])
+            if center is not None:
+                center.load_state_dict(saved["center"])
+                center_optimizer.load_state_dict(saved["center_optimizer"])
+            start_epoch, history, seconds = saved["epoch"], saved["history"], saved["seconds"]
+            log.info("%s: resuming after epoch %d of %d", self.stage, start_epoch, epochs)
+        elif saved is not None:
+            log.info("%s: ignoring a resume state of other params or data", self.stage)
+
+        step = start_epoch * steps_per_epoch
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            # Seeding per epoch makes augmentation and sampling of epoch N the same whether the
+            # run was interrupted before it or not: that is what makes resuming exact.
+            torch.manual_seed(train_cfg.seed * 100_003 + epoch)
+            sampler.set_epoch(epoch)
+            set_trainable(model, image=spec.train_image, text=spec.train_text, scale=contrastive)
+            if head is not None:
+                head.train()
+            sums: dict[str, float] = {}
+            progress = tqdm(loader, desc=f"{self.stage} epoch {epoch + 1}/{epochs}",
+                            unit="batch", leave=False, disable=self.rank != 0)
+            for images, batch_labels, batch_captions in progress:
+                images = images.to(device, non_blocking=True)
+                batch_labels = batch_labels.to(device)
+                batch_tokens = tokens[batch_captions].to(device) if tokens is not None else None
+                feats, text_out, scale = forward(images, batch_tokens)
+                terms: dict[str, torch.Tensor] = {}
+                if contrastive_loss is not None:
+                    image_feats = F.normalize(feats, dim=-1)
+                    if cached_text is not None:
+                        text_feats = cached_text[batch_captions.to(device)]
+                    else:
+                        text_feats = F.normalize(text_out, dim=-1)
+                    if isinstance(contrastive_loss, SupConLoss):
+                        value = contrastive_loss(image_feats, text_feats, batch_labels, scale)
+                    else:
+                        value = contrastive_loss(image_feats, text_feats, scale)
+                    terms[spec.loss] = spec.contrastive_weight * value
+                if head is not None:
+                    terms["id"] = spec.id_weight * id_loss(head(feats), batch_labels)
+                if triplet is not None:
+                    terms["triplet"] = spec.triplet_weight * triplet(
+                        F.normalize(feats, dim=-1), batch_labels)
+                if center is not None:
+                    terms["center"] = spec.center_weight * center(feats, batch_labels)
+                loss = sum(terms.values())
+
+                optimizer.zero_grad(set_to_none=True)
+                if center_optimizer is not None:
+                    center_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if train_cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]],
+                        train_cfg.grad_clip)
+                optimizer.step()
+                if center_optimizer is not None:
+                    # The centres learn at their own rate, independent of the loss weight.
+                    for p in center.parameters():
+                        p.grad.mul_(1.0 / spec.center_weight)
+                    center_optimizer.step()
+                scheduler.step()
+                step += 1
+
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                values["loss"] = float(loss.detach())
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                progress.set_postfix(loss=f"{values['loss']:.3f}")
+                if step % train_cfg.log_every == 0 or step == total_steps:
+                    self.on_log({**{f"train/{k}": v for k, v in values.items()},
+                                 "train/lr": optimizer.param_groups[0]["lr"]}, step)
+            seconds += time.perf_counter() - started
+            history.append({k: v / steps_per_epoch for k, v in sums.items()})
+            log.info("%s epoch %d/%d: %s", self.stage, epoch + 1, epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
+            self.on_log({f"epoch/{k}": v for k, v in history[-1].items()}, epoch + 1)
+            if self.rank == 0:
+                state = {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
+                         "seconds": seconds, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                if head is not None:
+                    state["head"] = head.state_dict()
+                if center is not None:
+                    state["center"] = center.state_dict()
+                    state["center_optimizer"] = center_optimizer.state_dict()
+                save_state(state, self.resume_dir)
+
+        checkpoint = self.out_path
+        if self.rank == 0:
+            weights = dict(model.state_dict())
+            if head is not None:
+                weights.update({f"heads.{k}": v for k, v in head.state_dict().items()})
+            meta = {"architecture": clip.architecture, "stage": self.stage, "parent": parent,
+                    "parent_sha256": parent_digest if parent_digest != parent else None,
+                    "identities": len(identities), "epochs": epochs,
+                    "train_seconds": round(seconds, 1), "run_id": self.run_id,
+                    "history": history, "params": flatten_params(params)}
+            save_checkpoint(weights, checkpoint, meta)
+            shutil.rmtree(self.resume_dir, ignore_errors=True)
+        return TrainResult(checkpoint, epochs, seconds, history)
