@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed-$(ENV_HASH)
 # DVC stages call `clipid ...`: the venv's scripts must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
-export MLFLOW_ENABLE_TELEMETRY := false
-export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 
-.PHONY: env repro test lint bench lock clean-env
+.PHONY: env repro test lint bench ui lock clean-env
 
 env: $(STAMP)
 
@@ -35,6 +35,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/metrics.py
+	$(BIN)/python bench/train.py
+
+# The MLflow UI on this repository's store (the one every stage and experiment logs to).
+UI_PORT ?= 5000
+ui: $(STAMP)
+	$(BIN)/python -c "import os, sys, clipid.tracking as t; \
+	cmd = t.ui_command(port=$(UI_PORT)); print(' '.join(cmd)); os.execvp(cmd[0], cmd)"
 
 # Regenerate requirements.lock from requirements.in in a scratch venv.
 lock:

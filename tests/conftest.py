@@ -14,8 +14,8 @@ from PIL import Image
 
 # DVC and MLflow must never phone home from a test.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 VENV_BIN = Path(sys.executable).parent
 

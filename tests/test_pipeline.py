@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import VENV_BIN
 
 REPO = Path(__file__).resolve().parents[1]
 
 MICRO = {"data": {"synthetic": {"items": 12, "views": 3, "image_size": 48}, "cache_size": 32,
-                  "workers": 0}}
+                  "workers": 0},
+         "train": {"epochs": 1, "batch_size": 6, "pk_k": 3, "log_every": 1}}
+STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -40,6 +43,7 @@ def micro_repo(tmp_path: Path) -> Path:
     repo.mkdir()
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
+    shutil.copy(REPO / ".gitignore", repo)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, MICRO)))
     sh(repo, "git", "init", "-q")
@@ -52,8 +56,17 @@ def micro_repo(tmp_path: Path) -> Path:
     return repo
 
 
+def mlflow_runs(repo: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in experiments])
+
+
 @pytest.mark.slow
-def test_dvc_repro_runs_data_stages_then_does_nothing(micro_repo: Path):
+def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sh(micro_repo, "dvc", "repro")
     data = json.loads((micro_repo / "metrics" / "data.json").read_text())
     n_test = round(12 * 0.5)
@@ -64,13 +77,45 @@ def test_dvc_repro_runs_data_stages_then_does_nothing(micro_repo: Path):
     assert len(texts) == 36 and all(texts.values())
     captions = json.loads((micro_repo / "metrics" / "captions.json").read_text())
     assert captions["captions"] == 36
-    assert (micro_repo / "dvc.lock").is_file()
+    for stage in STAGES:
+        metrics = json.loads((micro_repo / "metrics" / f"{stage}.json").read_text())
+        assert metrics["queries"] == n_test and 0 <= metrics["i2i"]["mAP"] <= 1
+        assert "mAP" in metrics["t2i"]
+        curve = json.loads((micro_repo / "metrics" / "cmc" / f"{stage}.json").read_text())
+        assert curve[0]["rank"] == 1 and curve[-1]["cmc"] == pytest.approx(1.0)
+    report = (micro_repo / "metrics" / "report.md").read_text()
+    assert all(f"| {stage} |" in report for stage in STAGES)
+    assert (micro_repo / "metrics" / "report" / "cmc.png").stat().st_size > 0
+    assert (micro_repo / "metrics" / "report" / "examples.png").stat().st_size > 0
+    shown = sh(micro_repo, "dvc", "metrics", "show")
+    assert "stage4.json" in shown
+
+    # One MLflow run per training stage (with its evaluation), one for Stage 1, one report.
+    runs = {r.data.tags["clipid.stage"]: r for r in mlflow_runs(micro_repo)}
+    assert set(runs) == {"zeroshot", "train_stage2", "train_stage3", "train_stage4", "report"}
+    stage2 = runs["train_stage2"]
+    assert stage2.data.params["train.lr"] == "0.0001"
+    assert "eval/i2i/mAP" in stage2.data.metrics and "train/loss" in stage2.data.metrics
 
     second = sh(micro_repo, "dvc", "repro")
     assert "Running stage" not in second
     assert "up to date" in sh(micro_repo, "dvc", "status")
 
     # A changed parameter reruns exactly the stages that read it.
+    sh(micro_repo, "git", "add", "-A")
+    sh(micro_repo, "git", "commit", "-qm", "baseline run")
+    out = sh(micro_repo, "dvc", "exp", "run", "-S", "train.lr=1e-5")
+    for stage in ("prepare", "clean_captions", "zeroshot"):
+        assert f"Running stage '{stage}'" not in out
+    for stage in ("train_stage2", "train_stage3", "train_stage4", "evaluate@stage2", "report"):
+        assert f"Running stage '{stage}'" in out
+    lrs = [r.data.params["train.lr"] for r in mlflow_runs(micro_repo)
+           if r.data.tags["clipid.stage"] == "train_stage2"]
+    assert sorted(lrs) == ["0.0001", "1e-05"]
+    diff = sh(micro_repo, "dvc", "metrics", "diff", "HEAD")
+    assert "metrics/stage2.json" in diff
+
+    # Captions feed every stage after them, not the data preparation.
     out = sh(micro_repo, "dvc", "exp", "run", "-S", "captions.casing=sentence")
     assert "Running stage 'prepare'" not in out
     assert "Running stage 'clean_captions'" in out

@@ -32,6 +32,24 @@ def _zeroshot(args: argparse.Namespace) -> None:
     evaluate_stage(load_params(args.params), PRETRAINED_STAGE)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from clipid.stages.train import train_stage
+
+    train_stage(load_params(args.params), args.stage)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from clipid.stages.evaluate import evaluate_stage
+
+    evaluate_stage(load_params(args.params), args.stage)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from clipid.stages.report import report
+
+    report(load_params(args.params), args.stages)
+
+
 def _check_params(args: argparse.Namespace) -> None:
     load_params(args.params)
     print(f"{args.params}: ok")
@@ -41,8 +59,13 @@ COMMANDS = {
     "prepare": (_prepare, "cache the data set's images and write data/prepared/manifest.csv"),
     "clean-captions": (_clean_captions, "clean raw captions into data/prepared/image_texts.json"),
     "zeroshot": (_zeroshot, "Stage 1: evaluate the pretrained model, no training"),
+    "train": (_train, "train one fine-tuning stage into models/<stage>/"),
+    "evaluate": (_evaluate, "evaluate models/<stage>/ into metrics/<stage>.json"),
+    "report": (_report, "compare every stage in metrics/report.md"),
     "check-params": (_check_params, "validate params.yaml and exit"),
 }
+
+TRAINED_STAGES = ("stage2", "stage3", "stage4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
                          help="parameter file (default: params.yaml)")
+        if name in ("train", "evaluate"):
+            cmd.add_argument("stage", choices=TRAINED_STAGES, help="the stage")
+        if name == "report":
+            cmd.add_argument("stages", nargs="+", help="stages to compare, in order")
         cmd.set_defaults(func=func)
     return parser
 

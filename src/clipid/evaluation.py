@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,21 @@ __all__ = ["EvalResult", "evaluate", "write_results"]
 class EvalResult:
     metrics: dict[str, Any]   # {"i2i": {...}, "t2i": {...}, "queries": N, "draws": D}
     cmc: np.ndarray           # image-to-image CMC, averaged over draws
+    examples: list[dict[str, Any]] = field(default_factory=list)  # ranked lists for the report
+
+
+def _examples(dist: np.ndarray, q: Any, g: Any, count: int, top_k: int) -> list[dict[str, Any]]:
+    """Ranked galleries of ``count`` queries spread evenly over the query set (the same queries
+    for every stage, so that the report can put them side by side)."""
+    picks = np.linspace(0, len(q) - 1, num=min(count, len(q))).round().astype(int)
+    g_images, g_ids = g["image"].to_numpy(), g["item_id"].to_numpy()
+    out = []
+    for i in picks:
+        order = np.argsort(dist[i], kind="stable")[:top_k]
+        out.append({"query": q["image"].iloc[i], "item_id": q["item_id"].iloc[i],
+                    "gallery": [str(x) for x in g_images[order]],
+                    "hits": [bool(x) for x in g_ids[order] == q["item_id"].iloc[i]]})
+    return out
 
 
 def _cameras(rows) -> np.ndarray | None:
@@ -42,8 +57,11 @@ def _cameras(rows) -> np.ndarray | None:
 
 
 def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
-             device: str | torch.device = "cpu") -> EvalResult:
-    """Embed every test image once, then score each draw."""
+             device: str | torch.device = "cpu", examples: int = 4, top_k: int = 5) -> EvalResult:
+    """Embed every test image once, then score each draw.
+
+    ``examples`` queries of the first draw keep their ``top_k`` ranked gallery images.
+    """
     test = data.table[data.table["split"].isin(["query", "gallery"])]
     images = sorted(test["image"].unique())
     if not images:
@@ -62,7 +80,7 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
                                 device=device).numpy()
         text_feats = dict(zip(unique, encoded, strict=True))
 
-    per_draw, cmcs = [], []
+    per_draw, cmcs, ranked = [], [], []
     for draw in data.draws:
         q, g = data.rows("query", draw), data.rows("gallery", draw)
         qf = feats[[position[p] for p in q["image"]]]
@@ -82,6 +100,8 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
             result["t2i"] = text_to_image(tf @ gf.T, q_ids, g_ids)
         per_draw.append(result)
         cmcs.append(cmc)
+        if not ranked:
+            ranked = _examples(dist, q, g, examples, top_k)
 
     metrics: dict[str, Any] = {}
     for block in ("i2i", "t2i"):
@@ -91,18 +111,21 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     metrics["gallery"] = per_draw[0]["gallery"]
     metrics["draws"] = len(per_draw)
     length = min(len(c) for c in cmcs)
-    return EvalResult(metrics, np.mean([c[:length] for c in cmcs], axis=0))
+    return EvalResult(metrics, np.mean([c[:length] for c in cmcs], axis=0), ranked)
 
 
 def write_results(result: EvalResult, metrics_path: Path, cmc_path: Path,
-                  extra: dict[str, Any] | None = None) -> None:
-    """``metrics/<stage>.json`` and the CMC curve as a DVC plot file."""
+                  extra: dict[str, Any] | None = None, examples_path: Path | None = None) -> None:
+    """``metrics/<stage>.json``, the CMC curve as a DVC plot file and the ranked examples."""
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     content = {**result.metrics, **(extra or {})}
     metrics_path.write_text(json.dumps(_rounded(content), indent=2) + "\n", encoding="utf-8")
     cmc_path.parent.mkdir(parents=True, exist_ok=True)
     curve = [{"rank": i + 1, "cmc": round(float(v), 6)} for i, v in enumerate(result.cmc)]
     cmc_path.write_text(json.dumps(curve, indent=1) + "\n", encoding="utf-8")
+    if examples_path is not None:
+        examples_path.parent.mkdir(parents=True, exist_ok=True)
+        examples_path.write_text(json.dumps(result.examples, indent=1) + "\n", encoding="utf-8")
 
 
 def _rounded(value: Any) -> Any:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -70,7 +71,8 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
     """
     get_model_config(name)  # a clear error for an unknown architecture
     if not pretrained:
-        log.warning("model.pretrained is empty: %s starts from RANDOM weights (seed %d)", name, seed)
+        log.warning("model.pretrained is empty: %s starts from RANDOM weights (seed %d)",
+                    name, seed)
         torch.manual_seed(seed)
         model = open_clip.create_model(name, pretrained=None, device=device)
         weights = "random"

@@ -15,6 +15,7 @@ from clipid.data.dataset import PreparedData
 from clipid.evaluation import EvalResult, evaluate, write_results
 from clipid.models.factory import ClipModel, create_model, load_model
 from clipid.runtime import setup_runtime
+from clipid.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ def model_for_stage(params: Params, stage: str, device, models_dir: Path = Path(
 def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepared"),
                    metrics_dir: Path = Path("metrics"), models_dir: Path = Path("models")
                    ) -> EvalResult:
+    """Evaluate one stage's model and log the figures to MLflow.
+
+    A trained model's figures go into the MLflow run that trained it (its id is in the
+    checkpoint's sidecar); Stage 1 has no training run, so it gets a run of its own.
+    """
     device = setup_runtime(params.runtime)
     clip = model_for_stage(params, stage, device, models_dir)
     data = PreparedData.load(prepared)
@@ -43,9 +49,30 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     result = evaluate(clip, data, params.eval, device=device)
     extra = {"model": {"architecture": clip.architecture, "weights": clip.weights},
              "eval_seconds": round(time.perf_counter() - start, 1)}
-    write_results(result, metrics_dir / f"{stage}.json", metrics_dir / "cmc" / f"{stage}.json",
-                  extra)
+    if "train_seconds" in clip.metadata:
+        extra["train_seconds"] = clip.metadata["train_seconds"]
+    metrics_path = metrics_dir / f"{stage}.json"
+    cmc_path = metrics_dir / "cmc" / f"{stage}.json"
+    examples_path = metrics_dir / "examples" / f"{stage}.json"
+    write_results(result, metrics_path, cmc_path, extra, examples_path)
     i2i, t2i = result.metrics["i2i"], result.metrics.get("t2i", {})
     log.info("%s: i2i rank1 %.4f mAP %.4f | t2i R@1 %.4f mAP %.4f", stage, i2i["rank1"],
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
+
+    dvc_stage = "zeroshot" if stage == PRETRAINED_STAGE else f"evaluate@{stage}"
+    with Tracker(stage=dvc_stage, params=params, run_name=stage,
+                 run_id=clip.metadata.get("run_id")) as tracker:
+        tracker.log_metrics(eval_metrics(result.metrics))
+        for path in (metrics_path, cmc_path, examples_path):
+            tracker.log_artifact(path, "eval")
     return result
+
+
+def eval_metrics(metrics: dict) -> dict[str, float]:
+    """``{"eval/i2i/mAP": ..., "eval/t2i/R1": ...}``: the flat numeric form MLflow takes."""
+    flat: dict[str, float] = {}
+    for block in ("i2i", "t2i"):
+        for key, value in metrics.get(block, {}).items():
+            flat[f"eval/{block}/{key}"] = float(value)
+    flat["eval/queries"] = float(metrics["queries"])
+    return flat

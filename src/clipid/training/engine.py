@@ -12,9 +12,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,9 +253,10 @@ class Trainer:
         else:
             sampler = ShardedRandomSampler(len(dataset), seed=train_cfg.seed, rank=self.rank,
                                            world_size=self.world_size)
+        # Workers are not persistent: each epoch's workers take their seeds from the generator
+        # reseeded below, so augmentation does not depend on where a resumed run started.
         loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
-                            num_workers=train_cfg.workers,
-                            persistent_workers=train_cfg.workers > 0)
+                            num_workers=train_cfg.workers, pin_memory=device.type == "cuda")
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
             raise ClipidError(f"{self.stage}: {len(dataset)} training images make no full batch "

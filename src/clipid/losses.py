@@ -1,0 +1,132 @@
+"""Loss terms of the training stages: small modules, each one formula.
+
+The image-text contrastive losses know about distributed training, as open_clip's ``ClipLoss``
+does: under DDP each process gathers the features of every process, so the loss sees the global
+batch as negatives, while gradients flow only through the process's own shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CenterLoss", "CrossEntropyLabelSmooth", "InfoNCELoss", "SupConLoss", "TripletLoss",
+           "gather_with_grad", "world_info"]
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Every process's ``local`` concatenated in rank order; gradients reach the local part.
+
+    ``all_gather`` returns tensors without a history, so the own slice is put back as the local
+    tensor: each process then back-propagates through exactly its own shard, and DDP's gradient
+    averaging combines the shards.
+    """
+    rank, world = world_info()
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[rank] = local
+    return torch.cat(parts)
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric CLIP loss: each image against every caption of the (global) batch, its own
+    caption the positive, and each caption against every image."""
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
+                ) -> torch.Tensor:
+        rank, _ = world_info()
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        targets = torch.arange(len(image), device=image.device) + rank * len(image)
+        logits_image = scale * image @ all_text.T
+        logits_text = scale * text @ all_image.T
+        return (F.cross_entropy(logits_image, targets) + F.cross_entropy(logits_text, targets)) / 2
+
+
+class SupConLoss(nn.Module):
+    """Supervised image-text contrastive loss: every caption of the same identity is a positive.
+
+    For an image anchor ``i`` with positives ``P(i) = {j : y_j = y_i}`` among the captions,
+
+        L_i = -1/|P(i)| * sum_{j in P(i)} log( exp(s * <v_i, t_j>) / sum_k exp(s * <v_i, t_k>) )
+
+    and symmetrically for caption anchors against images; the loss is the mean of the two
+    directions' means. With all labels distinct it is exactly :class:`InfoNCELoss`.
+    """
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        all_labels = gather_with_grad(labels)
+        positives = (labels[:, None] == all_labels[None, :]).float()
+        per_anchor = positives.sum(1)
+
+        def direction(anchor: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            log_prob = F.log_softmax(scale * anchor @ keys.T, dim=1)
+            return (-(log_prob * positives).sum(1) / per_anchor).mean()
+
+        return (direction(image, all_text) + direction(text, all_image)) / 2
+
+
+class CrossEntropyLabelSmooth(nn.Module):
+    """Cross-entropy against ``(1 - eps) * one_hot + eps / num_classes`` (Szegedy et al., 2016):
+    the identity classifier stays calibrated instead of memorising the training identities."""
+
+    def __init__(self, num_classes: int, epsilon: float = 0.1):
+        super().__init__()
+        self.num_classes, self.epsilon = num_classes, epsilon
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_prob = F.log_softmax(logits, dim=1)
+        target = torch.full_like(log_prob, self.epsilon / self.num_classes)
+        target.scatter_add_(1, labels[:, None],
+                            torch.full_like(log_prob[:, :1], 1.0 - self.epsilon))
+        return -(target * log_prob).sum(1).mean()
+
+
+class TripletLoss(nn.Module):
+    """Batch-hard triplet loss (Hermans et al., 2017) on Euclidean distances: each anchor with
+    its farthest positive and nearest negative in the batch. ``margin`` 0 is the soft margin
+    ``log(1 + exp(d_ap - d_an))``. Anchors with no positive or no negative are left out."""
+
+    def __init__(self, margin: float = 0.3):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        squared = (feats * feats).sum(1)
+        d2 = squared[:, None] + squared[None, :] - 2 * feats @ feats.T
+        distance = d2.clamp(min=1e-12).sqrt()  # clamped: sqrt has no gradient at 0
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        positive, negative = same & ~eye, ~same
+        valid = positive.any(1) & negative.any(1)
+        if not valid.any():
+            return feats.sum() * 0.0  # keeps the graph: no triplet in this batch
+        hardest_pos = distance.masked_fill(~positive, float("-inf")).amax(1)[valid]
+        hardest_neg = distance.masked_fill(~negative, float("inf")).amin(1)[valid]
+        if self.margin > 0:
+            return F.relu(hardest_pos - hardest_neg + self.margin).mean()
+        return F.softplus(hardest_pos - hardest_neg).mean()
+
+
+class CenterLoss(nn.Module):
+    """Center loss (Wen et al., 2016): ``mean_i ||f_i - c_{y_i}||^2 / 2``, pulling each feature
+    to its identity's learnt centre. The centres are parameters with their own optimiser."""
+
+    def __init__(self, num_classes: int, feat_dim: int):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ((feats - self.centers[labels]) ** 2).sum(1).mean() / 2

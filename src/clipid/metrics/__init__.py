@@ -1,0 +1,13 @@
+"""Evaluation metrics, standalone: numpy in, numbers out (no model, no torch).
+
+``evaluate_rank`` follows torchreid's ``evaluate_rank`` protocol and signature so that figures
+are comparable with the re-identification literature.
+"""
+
+from clipid.metrics.rank import evaluate_rank, positive_ranks, summarise
+from clipid.metrics.reference import evaluate_rank_loop
+from clipid.metrics.rerank import k_reciprocal_rerank
+from clipid.metrics.retrieval import aggregate_draws, recall_at_k, text_to_image
+
+__all__ = ["aggregate_draws", "evaluate_rank", "evaluate_rank_loop", "k_reciprocal_rerank",
+           "positive_ranks", "recall_at_k", "summarise", "text_to_image"]

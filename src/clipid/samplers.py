@@ -1,0 +1,97 @@
+"""Samplers of the training stages, each deterministic in ``(seed, epoch)`` and shardable.
+
+Every process of a DDP run builds the same global order from the same seed and takes its own
+share, so no sampler state has to be communicated, and a resumed run replays epoch N exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["PKSampler", "ShardedRandomSampler"]
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class ShardedRandomSampler(Sampler[int]):
+    """A fresh permutation each epoch; process ``rank`` takes every ``world_size``-th index,
+    padded by wrapping around so that every process has the same number of steps."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if n < 1:
+            raise ValueError("ShardedRandomSampler: no samples")
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch = 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=_generator(self.seed, self.epoch)).tolist()
+        total = self.per_rank * self.world_size
+        order += order[: total - len(order)]
+        return iter(order[self.rank:total:self.world_size])
+
+
+class PKSampler(Sampler[int]):
+    """Batches of ``p`` identities x ``k`` images, as batch-hard triplet and center losses need.
+
+    Each epoch shuffles the identities and cuts them into groups of ``p`` (an incomplete last
+    group is dropped); each identity of a group gives ``k`` of its images, drawn without
+    replacement when it has at least ``k`` and with replacement otherwise. Under DDP, group
+    ``b`` goes to process ``b % world_size`` (truncated so every process gets as many), so the
+    global batch is ``world_size x p x k``. Use with ``batch_size = p * k``.
+    """
+
+    def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if p < 1 or k < 1:
+            raise ValueError(f"PKSampler: p ({p}) and k ({k}) must be at least 1")
+        self.by_identity: dict[int, list[int]] = {}
+        for index, label in enumerate(labels):
+            self.by_identity.setdefault(int(label), []).append(index)
+        self.identities = sorted(self.by_identity)
+        needed = p * world_size
+        if len(self.identities) < needed:
+            raise ValueError(f"PKSampler: {len(self.identities)} identities cannot fill a batch "
+                             f"of p={p} identities on {world_size} process(es); lower "
+                             "train.batch_size or raise train.pk_k")
+        self.p, self.k, self.seed = p, k, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.batches_per_rank = len(self.identities) // p // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank * self.p * self.k
+
+    def __iter__(self) -> Iterator[int]:
+        gen = _generator(self.seed, self.epoch)
+        order = [self.identities[i]
+                 for i in torch.randperm(len(self.identities), generator=gen).tolist()]
+        out: list[int] = []
+        for b in range(self.batches_per_rank * self.world_size):
+            group = order[b * self.p:(b + 1) * self.p]
+            # Drawn for every group on every process, so all processes stay in step.
+            picks = []
+            for identity in group:
+                pool = self.by_identity[identity]
+                if len(pool) >= self.k:
+                    chosen = torch.randperm(len(pool), generator=gen)[: self.k]
+                else:
+                    chosen = torch.randint(len(pool), (self.k,), generator=gen)
+                picks += [pool[i] for i in chosen.tolist()]
+            if b % self.world_size == self.rank:
+                out += picks
+        return iter(out)

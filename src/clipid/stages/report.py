@@ -1,0 +1,162 @@
+"""Stage ``report``: every stage side by side.
+
+Reads only what the evaluation stages wrote (``metrics/<stage>.json``, the CMC curves and the
+ranked examples) plus the prepared images, so it reruns in seconds whenever any stage changes.
+Writes ``metrics/report.md``, ``metrics/report/cmc.png`` and ``metrics/report/examples.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from clipid.config import Params, StageParams
+from clipid.errors import ClipidError
+from clipid.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["describe_stage", "report", "report_table"]
+
+HIT, MISS = (40, 170, 60), (210, 40, 40)
+
+
+def describe_stage(params: Params, stage: str) -> str:
+    """One line of what a stage does, built from its params (never out of date)."""
+    spec = getattr(params, stage, None)
+    if not isinstance(spec, StageParams):
+        return "pretrained model, no training" if stage == "stage1" else stage
+    towers = " + ".join(t for t, on in (("image", spec.train_image), ("text", spec.train_text))
+                        if on)
+    terms = []
+    if spec.loss != "none" and spec.contrastive_weight > 0:
+        terms.append(spec.loss)
+    terms += [name for name, w in (("CE", spec.id_weight), ("triplet", spec.triplet_weight),
+                                   ("center", spec.center_weight)) if w > 0]
+    return f"{towers} tower{'s' if '+' in towers else ''}; {' + '.join(terms)}; " \
+           f"{spec.sampler} sampler; from {spec.init}"
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipidError(f"{path}: missing; run the stage's evaluation first") from None
+    except json.JSONDecodeError as exc:
+        raise ClipidError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+
+
+def _cell(block: dict[str, float], key: str) -> str:
+    if key not in block:
+        return "–"
+    std = block.get(f"{key}_std", 0.0)
+    return f"{100 * block[key]:.1f} ± {100 * std:.1f}" if std else f"{100 * block[key]:.1f}"
+
+
+def report_table(params: Params, stages: list[str], metrics: dict[str, dict]) -> str:
+    """The Markdown table of every stage (percentages; ± the std over query/gallery draws)."""
+    lines = ["| stage | what it trains | i2i R1 | i2i R5 | i2i R10 | i2i mAP | t2i R@1 "
+             "| t2i mAP | train time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage in stages:
+        m = metrics[stage]
+        i2i, t2i = m.get("i2i", {}), m.get("t2i", {})
+        seconds = m.get("train_seconds")
+        time_cell = f"{seconds:.0f} s" if seconds is not None else "–"
+        lines.append(f"| {stage} | {describe_stage(params, stage)} | {_cell(i2i, 'rank1')} "
+                     f"| {_cell(i2i, 'rank5')} | {_cell(i2i, 'rank10')} | {_cell(i2i, 'mAP')} "
+                     f"| {_cell(t2i, 'R1')} | {_cell(t2i, 'mAP')} | {time_cell} |")
+    return "\n".join(lines)
+
+
+def _plot_cmc(curves: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for stage, curve in curves.items():
+        ax.plot([p["rank"] for p in curve], [p["cmc"] for p in curve], label=stage)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("CMC (image to image)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # No software/date metadata: the same curves give the same bytes.
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _tile(path: Path, size: int, frame: tuple[int, int, int] | None) -> Image.Image:
+    with Image.open(path) as im:
+        tile = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    if frame is not None:
+        ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], outline=frame, width=4)
+    return tile
+
+
+def _plot_examples(examples: dict[str, list[dict]], images: Path, out: Path,
+                   size: int = 80) -> None:
+    """One row per (query, stage): the query, then its top-k gallery images framed green for
+    the same identity and red for another."""
+    rows = []
+    for i in range(max(len(v) for v in examples.values())):
+        rows += [(stage, exs[i]) for stage, exs in examples.items() if i < len(exs)]
+    top_k = max(len(ex["gallery"]) for _, ex in rows)
+    label_w, gap = 70, 8
+    canvas = Image.new("RGB", (label_w + (top_k + 1) * size + gap, len(rows) * size), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (stage, ex) in enumerate(rows):
+        y = r * size
+        draw.text((4, y + size // 2 - 5), stage, fill="black")
+        canvas.paste(_tile(images / ex["query"], size, None), (label_w, y))
+        for c, (name, hit) in enumerate(zip(ex["gallery"], ex["hits"], strict=True)):
+            canvas.paste(_tile(images / name, size, HIT if hit else MISS),
+                         (label_w + gap + (c + 1) * size, y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+
+
+def report(params: Params, stages: list[str], metrics_dir: Path = Path("metrics"),
+           prepared: Path = Path("data/prepared")) -> Path:
+    """Write the report; returns the path of ``report.md``."""
+    metrics = {s: _load_json(metrics_dir / f"{s}.json") for s in stages}
+    curves = {s: _load_json(metrics_dir / "cmc" / f"{s}.json") for s in stages}
+    examples = {s: _load_json(metrics_dir / "examples" / f"{s}.json") for s in stages}
+    figures = metrics_dir / "report"
+    _plot_cmc(curves, figures / "cmc.png")
+    _plot_examples(examples, prepared, figures / "examples.png")
+
+    first = metrics[stages[0]]
+    draws = first.get("draws", 1)
+    text = [
+        "# clipid report",
+        "",
+        f"Data: `{params.data.source}`, {first['queries']} queries x {first['gallery']} gallery "
+        f"images{f', mean ± std over {draws} query/gallery draws' if draws > 1 else ''}. "
+        f"Model: `{params.model.name}` ({params.model.pretrained or 'random init'}).",
+        "Percentages; i2i = image to image (re-identification protocol), "
+        "t2i = text to image (each query's caption against the gallery).",
+        "",
+        report_table(params, stages, metrics),
+        "",
+        "![CMC curves](report/cmc.png)",
+        "",
+        "![Retrieval examples: query, then the top gallery images; green = same identity]"
+        "(report/examples.png)",
+        "",
+    ]
+    out = metrics_dir / "report.md"
+    out.write_text("\n".join(text), encoding="utf-8")
+    log.info("report: %s", out)
+    with Tracker(stage="report", params=params, run_name="report") as tracker:
+        for path in (out, figures / "cmc.png", figures / "examples.png"):
+            tracker.log_artifact(path, "report")
+    return out

@@ -1,0 +1,160 @@
+"""clipid.metrics against hand-computed cases and the plain loop implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipid.metrics import (
+    aggregate_draws,
+    evaluate_rank,
+    evaluate_rank_loop,
+    k_reciprocal_rerank,
+    recall_at_k,
+    summarise,
+    text_to_image,
+)
+
+
+def test_hand_computed_cmc_and_ap():
+    # Query 0 (id 1): gallery by distance: g2 (id 2), g0 (id 1), g3 (id 3), g1 (id 1), g4 (id 2)
+    #   positives at ranks 2 and 4: AP = (1/2 + 2/4) / 2 = 0.5, first hit at rank 2.
+    # Query 1 (id 2): ranked g4 (id 2), g1, g0, g3, g2 (id 2): positives at ranks 1 and 5:
+    #   AP = (1/1 + 2/5) / 2 = 0.7, first hit at rank 1.
+    distmat = np.array([[0.2, 0.4, 0.1, 0.3, 0.5],
+                        [0.3, 0.2, 0.9, 0.4, 0.1]])
+    q_ids, g_ids = np.array([1, 2]), np.array([1, 1, 2, 3, 2])
+    cmc, mean_ap = evaluate_rank(distmat, q_ids, g_ids, max_rank=5)
+    np.testing.assert_allclose(cmc, [0.5, 1, 1, 1, 1])
+    assert mean_ap == pytest.approx((0.5 + 0.7) / 2)
+    assert summarise(cmc, mean_ap) == pytest.approx(
+        {"rank1": 0.5, "rank5": 1.0, "rank10": 1.0, "mAP": 0.6})
+
+
+def test_query_without_positive_is_skipped_and_all_skipped_is_an_error():
+    distmat = np.array([[0.1, 0.2], [0.2, 0.1]])
+    cmc, mean_ap = evaluate_rank(distmat, np.array([7, 1]), np.array([1, 2]))
+    np.testing.assert_allclose(cmc, [0.0, 1.0])  # only query 1 counts: its positive is 2nd
+    assert mean_ap == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no query has a positive"):
+        evaluate_rank(distmat, np.array([7, 8]), np.array([1, 2]))
+
+
+def test_same_identity_same_camera_entries_are_removed():
+    # g0: same id, same camera (junk, removed); g1: other id, same camera (kept);
+    # g2: same id, other camera (the positive).
+    distmat = np.array([[0.1, 0.2, 0.3]])
+    ids_q, ids_g = np.array(["a"]), np.array(["a", "b", "a"])
+    cmc, mean_ap = evaluate_rank(distmat, ids_q, ids_g, np.array([0]), np.array([0, 0, 1]))
+    np.testing.assert_allclose(cmc, [0.0, 1.0, 1.0])
+    assert mean_ap == pytest.approx(0.5)
+    # Without cameras the same-camera match counts.
+    cmc, mean_ap = evaluate_rank(distmat, ids_q, ids_g)
+    assert cmc[0] == 1.0 and mean_ap == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_ties_are_broken_by_gallery_order():
+    distmat = np.array([[0.5, 0.5, 0.5]])
+    # Positive last among equals: rank 3; positive first: rank 1.
+    cmc, mean_ap = evaluate_rank(distmat, np.array([1]), np.array([0, 0, 1]))
+    np.testing.assert_allclose(cmc, [0, 0, 1])
+    assert mean_ap == pytest.approx(1 / 3)
+    cmc, mean_ap = evaluate_rank(distmat, np.array([1]), np.array([1, 0, 0]))
+    np.testing.assert_allclose(cmc, [1, 1, 1])
+
+
+def test_max_rank_is_clamped_to_the_gallery():
+    cmc, _ = evaluate_rank(np.array([[0.3, 0.1]]), np.array([0]), np.array([0, 1]), max_rank=50)
+    assert cmc.shape == (2,)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="2 x 3 but there are 1 query"):
+        evaluate_rank(np.zeros((2, 3)), np.array([0]), np.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_equal_to_the_loop_on_random_cases(seed):
+    rng = np.random.default_rng(seed)
+    n_q, n_g = rng.integers(1, 30), rng.integers(2, 80)
+    # Few distinct values: many ties. String ids: the code path real data takes.
+    distmat = rng.integers(0, 6, (n_q, n_g)).astype(np.float32) if seed % 2 else \
+        rng.random((n_q, n_g))
+    names = np.array([f"id{i:03d}" for i in range(8)])
+    q_ids, g_ids = names[rng.integers(0, 8, n_q)], names[rng.integers(0, 8, n_g)]
+    cams = (rng.integers(0, 3, n_q), rng.integers(0, 3, n_g)) if seed % 3 else (None, None)
+    try:
+        expected = evaluate_rank_loop(distmat, q_ids, g_ids, *cams, max_rank=10)
+    except ValueError:
+        with pytest.raises(ValueError):
+            evaluate_rank(distmat, q_ids, g_ids, *cams, max_rank=10)
+        return
+    cmc, mean_ap = evaluate_rank(distmat, q_ids, g_ids, *cams, max_rank=10,)
+    np.testing.assert_array_equal(cmc, expected[0])
+    assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_small_chunks_give_the_same_result():
+    from clipid.metrics.rank import positive_ranks
+
+    rng = np.random.default_rng(0)
+    distmat = rng.random((37, 50))
+    q_ids, g_ids = rng.integers(0, 5, 37), rng.integers(0, 5, 50)
+    whole = list(positive_ranks(distmat, q_ids, g_ids))
+    chunked = list(positive_ranks(distmat, q_ids, g_ids, chunk_elements=120))
+    assert [i for i, _ in whole] == [i for i, _ in chunked]
+    for (_, a), (_, b) in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recall_at_k_counts_every_query():
+    distmat = np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])
+    # q0 (id 0) hit at rank 1; q1 (id 0) hit at rank 3; q2 (id 9) has no gallery image: a miss.
+    recall = recall_at_k(distmat, np.array([0, 0, 9]), np.array([0, 1, 2]), ks=(1, 2, 3))
+    assert recall == pytest.approx({"R1": 1 / 3, "R2": 1 / 3, "R3": 2 / 3})
+
+
+def test_text_to_image_ranks_by_similarity():
+    similarity = np.array([[0.9, 0.1, 0.8],   # id 0: positives g0, g2 at ranks 1, 2: AP 1
+                           [0.9, 0.2, 0.1]])  # id 1: positive g1 at rank 2: AP 0.5
+    result = text_to_image(similarity, np.array([0, 1]), np.array([0, 1, 0]), ks=(1, 5))
+    assert result == pytest.approx({"R1": 0.5, "R5": 1.0, "mAP": 0.75})
+
+
+def test_aggregate_draws_mean_and_std():
+    out = aggregate_draws([{"mAP": 0.2, "rank1": 0.5}, {"mAP": 0.4, "rank1": 0.5}])
+    assert out == pytest.approx({"mAP": 0.3, "mAP_std": 0.1, "rank1": 0.5, "rank1_std": 0.0})
+    with pytest.raises(ValueError):
+        aggregate_draws([])
+
+
+def _clusters(seed: int, n_ids: int = 12, per_id: int = 4, noise: float = 0.9):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_ids, 16))
+    ids = np.repeat(np.arange(n_ids), per_id)
+    x = centres[ids] + noise * rng.standard_normal((len(ids), 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    query = np.arange(len(ids)) % per_id == 0
+    q, g = x[query], x[~query]
+    return q, g, ids[query], ids[~query]
+
+
+def test_rerank_with_lambda_one_keeps_the_original_ranking():
+    q, g, q_ids, g_ids = _clusters(0)
+    dist = 1 - q @ g.T
+    reranked = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, k1=5, k2=3, lambda_value=1.0)
+    assert reranked.shape == dist.shape
+    np.testing.assert_array_equal(np.argsort(reranked, axis=1, kind="stable"),
+                                  np.argsort(dist, axis=1, kind="stable"))
+
+
+def test_rerank_improves_map_on_clustered_data():
+    gains = []
+    for seed in range(5):
+        q, g, q_ids, g_ids = _clusters(seed)
+        dist = 1 - q @ g.T
+        _, before = evaluate_rank(dist, q_ids, g_ids)
+        reranked = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, k1=6, k2=3)
+        _, after = evaluate_rank(reranked, q_ids, g_ids)
+        gains.append(after - before)
+    assert np.mean(gains) > 0, gains

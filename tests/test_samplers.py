@@ -1,0 +1,77 @@
+"""PK and sharded samplers: batch composition, determinism, disjoint shards."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from clipid.samplers import PKSampler, ShardedRandomSampler
+
+# 10 identities: identity i has i + 1 images (so identities 0..2 have fewer than k = 4).
+LABELS = [i for i in range(10) for _ in range(i + 1)]
+
+
+def batches(sampler, size):
+    order = list(sampler)
+    assert len(order) == len(sampler)
+    return [order[b:b + size] for b in range(0, len(order), size)]
+
+
+def test_pk_batches_hold_p_identities_with_k_images_each():
+    sampler = PKSampler(LABELS, p=3, k=4, seed=0)
+    chunks = batches(sampler, 12)
+    assert len(chunks) == 10 // 3
+    for batch in chunks:
+        counts = Counter(LABELS[i] for i in batch)
+        assert len(counts) == 3 and set(counts.values()) == {4}
+        for identity in counts:
+            picked = [i for i in batch if LABELS[i] == identity]
+            if identity + 1 >= 4:  # enough images: no repeats within the batch
+                assert len(set(picked)) == 4
+            else:  # too few: sampled with replacement, from that identity only
+                assert set(picked) <= {j for j, lab in enumerate(LABELS) if lab == identity}
+    seen = {LABELS[i] for batch in chunks for i in batch}
+    assert len(seen) == 9  # an identity appears at most once per epoch; the 10th is left over
+
+
+def test_pk_is_deterministic_per_seed_and_epoch():
+    a, b = PKSampler(LABELS, 2, 2, seed=3), PKSampler(LABELS, 2, 2, seed=3)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(PKSampler(LABELS, 2, 2, seed=4)) != first
+
+
+def test_pk_shards_are_disjoint_whole_batches_of_equal_length():
+    whole = batches(PKSampler(LABELS, 2, 2, seed=0, world_size=1), 4)
+    shards = [PKSampler(LABELS, 2, 2, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 2 * 4
+    rank_batches = [batches(s, 4) for s in shards]
+    # Batch b of the global order goes to rank b % 2.
+    assert rank_batches[0] == whole[0:4:2] and rank_batches[1] == whole[1:4:2]
+
+
+def test_pk_errors_are_clear():
+    with pytest.raises(ValueError, match="10 identities cannot fill"):
+        PKSampler(LABELS, p=6, k=2, world_size=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        PKSampler(LABELS, p=0, k=2)
+
+
+def test_sharded_random_covers_everything_once_per_epoch():
+    sampler = ShardedRandomSampler(10, seed=1)
+    assert sorted(sampler) == list(range(10))
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(10))
+
+
+def test_sharded_random_ranks_are_padded_to_equal_length():
+    shards = [list(ShardedRandomSampler(11, seed=0, rank=r, world_size=3)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    everything = [i for s in shards for i in s]
+    assert set(everything) == set(range(11)) and len(everything) == 12  # one index repeated
