@@ -15,10 +15,12 @@ import tracemalloc
 
 import numpy as np
 
-from _report import machine, write_section
 from clipid.metrics import evaluate_rank, evaluate_rank_loop
 
+from _report import machine, write_section
+
 N_QUERY, N_GALLERY, N_IDS, N_CAMS, DIM = 3368, 15913, 1501, 6, 128
+NOISE = 1.5  # per-image noise around the identity centre: rank-1 and mAP in a realistic range
 
 
 def market_like(seed: int = 0):
@@ -29,7 +31,7 @@ def market_like(seed: int = 0):
     q_cams, g_cams = rng.integers(0, N_CAMS, N_QUERY), rng.integers(0, N_CAMS, N_GALLERY)
 
     def embed(ids):
-        x = centres[ids] + 1.2 * rng.standard_normal((len(ids), DIM)).astype(np.float32)
+        x = centres[ids] + NOISE * rng.standard_normal((len(ids), DIM)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     distmat = (1.0 - embed(q_ids) @ embed(g_ids).T).astype(np.float32)
@@ -57,11 +59,12 @@ def main() -> int:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
-    same = bool(np.array_equal(cmc, cmc_loop) and abs(mean_ap - map_loop) < 1e-9)
+    map_diff = abs(mean_ap - map_loop)
+    same = bool(cmc.shape == cmc_loop.shape and np.allclose(cmc, cmc_loop) and map_diff < 1e-9)
     speedup = t_loop / t_fast
     memory = peak / distmat.nbytes
     checks = {
-        "identical CMC and mAP to the loop": same,
+        "identical results to the loop (CMC allclose, mAP within 1e-9)": same,
         ">= 10x faster than the loop": speedup >= 10,
         "no slower than one argsort of the matrix": t_fast <= t_sort,
         "peak memory <= 3x the distance matrix": memory <= 3,
@@ -81,8 +84,10 @@ def main() -> int:
         "",
         table,
         "",
-        f"Rank-1 {cmc[0]:.4f}, mAP {mean_ap:.4f}. Peak memory of `evaluate_rank` (tracemalloc, "
-        f"numpy allocations): {peak / 2**20:.1f} MiB = {memory:.2f}x the distance matrix.",
+        f"Rank-1 {cmc[0]:.4f}, mAP {mean_ap:.4f} (loop: rank-1 {cmc_loop[0]:.4f}, mAP "
+        f"{map_loop:.4f}, |mAP difference| {map_diff:.1e}). Peak memory of `evaluate_rank` "
+        f"(tracemalloc, numpy allocations): {peak / 2**20:.1f} MiB = {memory:.2f}x the "
+        "distance matrix.",
         "",
         *[f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()],
     ])

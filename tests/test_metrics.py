@@ -94,17 +94,36 @@ def test_equal_to_the_loop_on_random_cases(seed):
     assert mean_ap == pytest.approx(expected[1], abs=1e-12)
 
 
-def test_small_chunks_give_the_same_result():
+@pytest.mark.parametrize("seed", range(10))
+def test_small_chunks_ties_and_cameras_give_the_same_ranks(seed):
     from clipid.metrics.rank import positive_ranks
 
-    rng = np.random.default_rng(0)
-    distmat = rng.random((37, 50))
+    rng = np.random.default_rng(seed)
+    distmat = rng.integers(0, 4, (37, 50)).astype(np.float64)
+    distmat[rng.random(distmat.shape) < 0.05] = np.inf  # infinite distances tie too
     q_ids, g_ids = rng.integers(0, 5, 37), rng.integers(0, 5, 50)
-    whole = list(positive_ranks(distmat, q_ids, g_ids))
-    chunked = list(positive_ranks(distmat, q_ids, g_ids, chunk_elements=120))
+    q_cams, g_cams = rng.integers(0, 2, 37), rng.integers(0, 2, 50)
+    whole = list(positive_ranks(distmat, q_ids, g_ids, q_cams, g_cams))
+    chunked = list(positive_ranks(distmat, q_ids, g_ids, q_cams, g_cams, chunk_elements=120))
     assert [i for i, _ in whole] == [i for i, _ in chunked]
-    for (_, a), (_, b) in zip(whole, chunked, strict=True):
+    for (i, a), (_, b) in zip(whole, chunked, strict=True):
         np.testing.assert_array_equal(a, b)
+        # The definition: a stable sort of the row, junk removed, positions of the positives.
+        order = np.argsort(distmat[i], kind="stable")
+        keep = ~((g_ids[order] == q_ids[i]) & (g_cams[order] == q_cams[i]))
+        np.testing.assert_array_equal(a, np.flatnonzero((g_ids[order] == q_ids[i])[keep]))
+
+
+def test_float32_ties_and_camera_filter_against_the_loop():
+    rng = np.random.default_rng(1)
+    # Rounded float32 distances: ties across positives, negatives and removed entries.
+    distmat = np.round(rng.random((200, 300)), 2).astype(np.float32)
+    q_ids, g_ids = rng.integers(0, 20, 200), rng.integers(0, 20, 300)
+    q_cams, g_cams = rng.integers(0, 3, 200), rng.integers(0, 3, 300)
+    cmc, mean_ap = evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams)
+    cmc_loop, map_loop = evaluate_rank_loop(distmat, q_ids, g_ids, q_cams, g_cams)
+    np.testing.assert_array_equal(cmc, cmc_loop)
+    assert mean_ap == pytest.approx(map_loop, abs=1e-12)
 
 
 def test_recall_at_k_counts_every_query():
@@ -119,6 +138,20 @@ def test_text_to_image_ranks_by_similarity():
                            [0.9, 0.2, 0.1]])  # id 1: positive g1 at rank 2: AP 0.5
     result = text_to_image(similarity, np.array([0, 1]), np.array([0, 1, 0]), ks=(1, 5))
     assert result == pytest.approx({"R1": 0.5, "R5": 1.0, "mAP": 0.75})
+
+
+def test_text_to_image_skips_captions_without_positive_and_breaks_ties_by_order():
+    similarity = np.array([[0.5, 0.5, 0.5],   # "b": positive g2 after two equal: rank 3
+                           [0.9, 0.1, 0.2]])  # "z": no gallery image: skipped
+    result = text_to_image(similarity, np.array(["b", "z"]), np.array(["a", "a", "b"]),
+                           ks=(1, 3))
+    assert result == pytest.approx({"R1": 0.0, "R3": 1.0, "mAP": 1 / 3})
+    with pytest.raises(ValueError, match="no caption"):
+        text_to_image(similarity, np.array(["y", "z"]), np.array(["a", "a", "b"]))
+
+
+def test_aggregate_draws_single_draw_has_zero_std():
+    assert aggregate_draws([{"R1": 0.25}]) == {"R1": 0.25, "R1_std": 0.0}
 
 
 def test_aggregate_draws_mean_and_std():
@@ -139,13 +172,20 @@ def _clusters(seed: int, n_ids: int = 12, per_id: int = 4, noise: float = 0.9):
     return q, g, ids[query], ids[~query]
 
 
-def test_rerank_with_lambda_one_keeps_the_original_ranking():
+def test_rerank_with_lambda_one_gives_the_original_distances():
     q, g, q_ids, g_ids = _clusters(0)
     dist = 1 - q @ g.T
     reranked = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, k1=5, k2=3, lambda_value=1.0)
     assert reranked.shape == dist.shape
-    np.testing.assert_array_equal(np.argsort(reranked, axis=1, kind="stable"),
-                                  np.argsort(dist, axis=1, kind="stable"))
+    np.testing.assert_array_equal(reranked, dist)
+
+
+def test_rerank_output_shape_and_range():
+    q, g, _, _ = _clusters(1)
+    dist = 1 - q @ g.T
+    jaccard = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, lambda_value=0.0)
+    assert jaccard.shape == (len(q), len(g))
+    assert np.all((jaccard >= 0) & (jaccard <= 1 + 1e-6))
 
 
 def test_rerank_improves_map_on_clustered_data():

@@ -53,6 +53,9 @@ def test_pk_shards_are_disjoint_whole_batches_of_equal_length():
     rank_batches = [batches(s, 4) for s in shards]
     # Batch b of the global order goes to rank b % 2.
     assert rank_batches[0] == whole[0:4:2] and rank_batches[1] == whole[1:4:2]
+    # Whole batches of distinct identities: the ranks share no identity, hence no image.
+    ids = [{LABELS[i] for i in s} for s in shards]
+    assert not ids[0] & ids[1]
 
 
 def test_pk_errors_are_clear():
@@ -60,6 +63,17 @@ def test_pk_errors_are_clear():
         PKSampler(LABELS, p=6, k=2, world_size=2)
     with pytest.raises(ValueError, match="at least 1"):
         PKSampler(LABELS, p=0, k=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        PKSampler(LABELS, p=2, k=0)
+    with pytest.raises(ValueError, match="rank 2"):
+        PKSampler(LABELS, p=2, k=2, rank=2, world_size=2)
+
+
+def test_pk_epochs_and_seeds_do_not_collide():
+    # seed + epoch would make these equal.
+    a = PKSampler(LABELS, 2, 2, seed=0)
+    a.set_epoch(1)
+    assert list(a) != list(PKSampler(LABELS, 2, 2, seed=1))
 
 
 def test_sharded_random_covers_everything_once_per_epoch():
@@ -75,3 +89,15 @@ def test_sharded_random_ranks_are_padded_to_equal_length():
     assert [len(s) for s in shards] == [4, 4, 4]
     everything = [i for s in shards for i in s]
     assert set(everything) == set(range(11)) and len(everything) == 12  # one index repeated
+
+
+def test_sharded_random_is_deterministic_and_validates():
+    a, b = ShardedRandomSampler(7, seed=5, rank=1, world_size=2), ShardedRandomSampler(
+        7, seed=5, rank=1, world_size=2)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert list(a) == list(b) and len(a) == len(list(a)) == 4
+    with pytest.raises(ValueError, match="no samples"):
+        ShardedRandomSampler(0)
+    with pytest.raises(ValueError, match="rank -1"):
+        ShardedRandomSampler(5, rank=-1, world_size=2)

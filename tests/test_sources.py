@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 
 from clipid.data.sources import SourceError, read_hands11k, read_inshop, read_manifest
+
 from conftest import HANDS_HEADER
 
 

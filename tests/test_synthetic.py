@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,24 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     for row in rows(a):
         assert (a.parent / row["image"]).read_bytes() == (b.parent / row["image"]).read_bytes()
     assert a.read_bytes() != c.read_bytes()
+    first = rows(a)[0]["image"]
+    assert (a.parent / first).read_bytes() != (c.parent / first).read_bytes()
+
+
+def test_more_views_do_not_change_the_items(tmp_path):
+    three = generate(tmp_path / "three", SMALL, seed=0)
+    four = generate(tmp_path / "four", SyntheticParams(items=12, views=4, image_size=48), seed=0)
+    by_image = {r["image"]: r for r in rows(four)}
+    for row in rows(three):
+        assert by_image[row["image"]] == row
+        assert (three.parent / row["image"]).read_bytes() == \
+            (four.parent / row["image"]).read_bytes()
+
+
+def test_stamp_records_the_params(tmp_path):
+    generate(tmp_path, SMALL, seed=3)
+    stamp = json.loads((tmp_path / "synthetic.json").read_text())
+    assert stamp["seed"] == 3 and stamp["items"] == 12 and stamp["views"] == 3
 
 
 def test_workers_do_not_change_the_output(tmp_path):
@@ -55,6 +74,17 @@ def test_splits_are_disjoint_and_queries_are_the_first_views(tmp_path):
             assert r["split"] == ("query" if int(r["camera"]) < 2 else "gallery")
     records = read_manifest(tmp_path / "manifest.csv")
     assert len(records) == 40 and {r.split for r in records} == {"train", "query", "gallery"}
+    assert all(r.item_id.startswith("item_") and r.attributes for r in records)
+    assert sorted({r.camera for r in records}) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("items", "fraction", "n_test"), [(4, 0.5, 2), (5, 0.1, 2), (6, 0.9, 4),
+                                                          (240, 0.5, 120)])
+def test_test_identity_count(tmp_path, items, fraction, n_test):
+    params = SyntheticParams(items=items, test_fraction=fraction, views=2, image_size=32)
+    table = rows(generate(tmp_path, params, seed=0))
+    test = {r["item_id"] for r in table if r["split"] != "train"}
+    assert len(test) == n_test and len({r["item_id"] for r in table}) - n_test >= 2
 
 
 def test_images_are_rgb_of_the_asked_size(tmp_path):
@@ -111,6 +141,16 @@ def test_items_with_the_same_description_still_look_different():
     assert describe(item_spec(0, item)).split(" with")[0] == \
         describe(item_spec(0, other)).split(" with")[0]
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 1
+
+
+def test_every_described_detail_is_visible():
+    for item in range(240):
+        spec = item_spec(0, item)
+        assert spec["secondary"] != spec["colour"] and spec["trim"] != spec["colour"]
+        if spec["logo"] != "none":
+            assert spec["logo_colour"] not in (spec["colour"], spec["secondary"])
+        # Plain garments carry a logo, so no two identities can be drawn the same.
+        assert spec["pattern"] != "solid" or spec["logo"] != "none"
 
 
 def test_query_views_must_leave_a_gallery(tmp_path):

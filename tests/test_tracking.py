@@ -2,104 +2,188 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from clipid.config import flatten_params, params_from_dict
-from clipid.tracking import Tracker, tracking_uri, ui_command
+from clipid.config import Params, flatten_params, params_from_dict
+from clipid.tracking import Tracker, find_runs, store_root, tracking_uri, ui_command
+
+
+@pytest.fixture(scope="session")
+def blank_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow database: creating one takes ~2 s, copying it nothing."""
+    path = tmp_path_factory.mktemp("blank") / "mlflow.db"
+    client(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch) -> Path:
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank_db: Path) -> Path:
+    shutil.copy(blank_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME",
+                 "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
     return tmp_path
 
 
-def client(root: Path):
-    from mlflow.tracking import MlflowClient
+def client(uri: str | Path):
+    from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-
-
-def test_store_is_under_dvc_root(store):
-    assert tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
-    cmd = ui_command(port=5123)
-    assert cmd[:2] == ["mlflow", "ui"]
-    assert cmd[cmd.index("--backend-store-uri") + 1] == tracking_uri()
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "5123" in cmd
+    return MlflowClient(uri if isinstance(uri, str) else f"sqlite:///{uri / 'mlflow.db'}")
 
 
-def test_a_run_holds_params_metrics_tags_and_artifacts(store, monkeypatch):
+def test_the_store_is_under_dvc_root(store: Path) -> None:
+    assert store_root() == store.resolve()
+    assert tracking_uri() == f"sqlite:///{store.resolve() / 'mlflow.db'}"
+    assert ui_command(port=5123) == [
+        "mlflow", "ui", "--backend-store-uri", tracking_uri(),
+        "--default-artifact-root", str(store.resolve() / "mlruns"),
+        "--host", "127.0.0.1", "--port", "5123"]
+
+
+def test_without_dvc_root_the_store_is_the_enclosing_repository(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "sub" / "dir").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sub" / "dir")
+    assert store_root() == tmp_path.resolve()
+
+
+def test_a_run_holds_params_metrics_tags_and_artifacts(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     params = params_from_dict({"train": {"lr": 1e-05}})
     artifact = store / "model.json"
     artifact.write_text("{}")
-    with Tracker(stage="train_stage2", params=params, run_name="stage2") as tracker:
+    with Tracker(stage="train_stage2", params=params, run_name="stage2",
+                 tags={"owner": "test"}) as tracker:
         for step in (1, 2, 3):
             tracker.log_metrics({"train/loss": 1.0 / step, "bad name!": 2.0,
-                                 "nan": float("nan")}, step=step)
+                                 "nan": float("nan"), "text": "oops"}, step=step)
+        tracker.log_metrics({"train_seconds": 12.5})
         tracker.log_artifact(artifact, "checkpoint")
+        tracker.log_dict({"a": 1}, "extra/info.json")
         run_id = tracker.run_id
+    assert run_id is not None and tracker.run_id is None
     run = client(store).get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_name == "stage2"
     assert run.data.params["train.lr"] == "1e-05"
     assert run.data.params["stage2.loss"] == "supcon"
     assert run.data.params == {k: str(v) for k, v in flatten_params(params).items()}
+    assert len(run.data.params) > 50  # more than one log_batch call would need at 100+
     history = client(store).get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
-    assert "bad name_" in run.data.metrics and "nan" not in run.data.metrics
+    assert run.data.metrics["train_seconds"] == 12.5
+    assert "bad name_" in run.data.metrics
+    assert "nan" not in run.data.metrics and "text" not in run.data.metrics
     tags = run.data.tags
     assert tags["clipid.stage"] == "train_stage2" and tags["dvc.exp_name"] == "lucky-lark"
-    assert tags["dvc.exp_baseline_rev"] == "a" * 40
+    assert tags["dvc.exp_baseline_rev"] == "a" * 40 and tags["owner"] == "test"
     assert tags["data.source"] == "synthetic" and tags["model.name"] == "clipid-vit-tiny"
-    artifacts = [a.path for a in client(store).list_artifacts(run_id, "checkpoint")]
-    assert artifacts == ["checkpoint/model.json"]
-    assert (store / "mlruns").is_dir()
+    assert tags["model.pretrained"] == "random"
+    assert [a.path for a in client(store).list_artifacts(run_id, "checkpoint")] == [
+        "checkpoint/model.json"]
+    # Artifacts live beside mlflow.db, whatever the working directory.
+    assert (store / "mlruns" / run_id / "artifacts" / "checkpoint" / "model.json").is_file()
+    assert (store / "mlruns" / run_id / "artifacts" / "extra" / "info.json").is_file()
+    assert [r.info.run_id for r in find_runs("train_stage2")] == [run_id]
+    assert find_runs("train_stage3") == []
 
 
-def test_an_evaluation_reopens_the_training_run(store):
-    params = params_from_dict({})
+def test_the_git_commit_is_tagged(store: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                              cwd=store, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "x")
+    commit = git("rev-parse", "HEAD").strip()
+    with Tracker(stage="report", params=Params()) as tracker:
+        run_id = tracker.run_id
+    tags = client(store).get_run(run_id).data.tags
+    assert tags["git.commit"] == tags["mlflow.source.git.commit"] == commit
+
+
+def test_an_evaluation_reopens_the_training_run(store: Path) -> None:
+    params = Params()
     with Tracker(stage="train_stage2", params=params) as tracker:
         run_id = tracker.run_id
     with Tracker(stage="evaluate@stage2", params=params, run_id=run_id) as tracker:
+        assert tracker.run_id == run_id
         tracker.log_metrics({"eval/i2i/mAP": 0.5})
     run = client(store).get_run(run_id)
     assert run.data.metrics["eval/i2i/mAP"] == 0.5
     assert run.data.tags["clipid.stage"] == "train_stage2"
+    assert run.data.tags["clipid.eval_stage"] == "evaluate@stage2"
+    assert run.info.status == "FINISHED"
     # A run id from another store: a run of its own instead.
     with Tracker(stage="evaluate@stage2", params=params, run_id="0" * 32) as tracker:
         assert tracker.run_id not in (None, "0" * 32)
 
 
-def test_a_failing_stage_marks_the_run_failed_and_still_raises(store):
+def test_a_failing_stage_marks_the_run_failed_and_still_raises(store: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"), \
-            Tracker(stage="train_stage3", params=params_from_dict({})) as tracker:
+            Tracker(stage="train_stage3", params=Params()) as tracker:
         run_id = tracker.run_id
         raise RuntimeError("boom")
     assert client(store).get_run(run_id).info.status == "FAILED"
 
 
-def test_an_unreachable_server_warns_and_the_stage_goes_on(store, monkeypatch):
+def test_an_unreachable_server_warns_once_and_the_stage_goes_on(
+        store: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     start = time.perf_counter()
-    with pytest.warns(UserWarning, match="127.0.0.1:9"), \
-            Tracker(stage="train_stage2", params=params_from_dict({})) as tracker:
-        tracker.log_metrics({"x": 1.0}, step=1)
-        tracker.log_artifact(__file__)
-        assert tracker.run_id is None
-    assert time.perf_counter() - start < 30
-    assert not (store / "mlflow.db").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tracker(stage="train_stage2", params=Params()) as tracker:
+            tracker.log_metrics({"x": 1.0}, step=1)
+            tracker.log_artifact(__file__)
+            tracker.set_tags({"a": "b"})
+            assert tracker.run_id is None
+    assert time.perf_counter() - start < 10
+    assert len(caught) == 1 and "http://127.0.0.1:9" in str(caught[0].message)
+    assert not (store / "mlruns").exists()
 
 
-def test_tracking_uri_from_the_environment_wins(store, monkeypatch, tmp_path):
-    other = tmp_path / "elsewhere.db"
+def test_an_error_while_logging_warns_once_and_disables_tracking(store: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tracker(stage="train_stage2", params=Params()) as tracker:
+            run_id = tracker.run_id
+            tracker.log_artifact(store / "missing.bin")  # no such file: MLflow raises
+            tracker.log_artifact(store / "missing.bin")
+            tracker.log_metrics({"x": 1.0})
+            assert tracker.run_id is None
+    assert len(caught) == 1 and "tracking" in str(caught[0].message)
+    run = client(store).get_run(run_id)
+    assert run.info.status == "FAILED" and "x" not in run.data.metrics
+
+
+def test_tracking_uri_from_the_environment_wins(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = store / "elsewhere" / "other.db"
+    other.parent.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
     assert tracking_uri() == f"sqlite:///{other}"
-    with Tracker(stage="report", params=params_from_dict({})) as tracker:
-        assert tracker.run_id
-    assert other.is_file()
+    with Tracker(stage="report", params=Params()) as tracker:
+        run_id = tracker.run_id
+    assert other.is_file() and not (store / "mlruns").exists()
+    run = client(f"sqlite:///{other}").get_run(run_id)
+    assert client(f"sqlite:///{other}").get_experiment(run.info.experiment_id).name == "mine"
+
+
+def test_a_tracker_leaves_the_environment_alone(store: Path) -> None:
+    with Tracker(stage="report", params=Params()):
+        pass
+    # MLflow's fluent API would export MLFLOW_TRACKING_URI and pin later stores to this one.
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -2,10 +2,12 @@
 
 The image-text contrastive losses know about distributed training, as open_clip's ``ClipLoss``
 does: under DDP each process gathers the features of every process, so the loss sees the global
-batch as negatives, while gradients flow only through the process's own shard.
+batch as negatives, and the gradients reaching the model are those of the global-batch loss.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,25 +25,58 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
-    """Every process's ``local`` concatenated in rank order; gradients reach the local part.
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` whose backward returns to each process the gradient that *every*
+    process's loss sends to its shard (a sum over processes), not only its own loss's part."""
 
-    ``all_gather`` returns tensors without a history, so the own slice is put back as the local
-    tensor: each process then back-propagates through exactly its own shard, and DDP's gradient
-    averaging combines the shards.
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor) -> torch.Tensor:
+        rank, world = world_info()
+        ctx.rank, ctx.rows = rank, local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        # Process r's keys feed the losses of all processes: summing their gradients is what
+        # makes the sharded loss's gradient the global-batch loss's (see ``gather_with_grad``).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Every process's ``local`` concatenated in rank order, differentiable across processes.
+
+    Every process must pass the same shape (the samplers and ``drop_last`` see to that).
+    Process ``r`` computes ``L_r``, the mean loss of its own ``n`` anchors against all ``W * n``
+    keys, so the global-batch loss is ``L = mean_r L_r``. Backward sums over processes the
+    gradient each ``L_r`` sends to process ``r``'s features, so process ``r`` receives
+    ``sum_q dL_q/dx_r = W * dL/dx_r``; DDP's averaging of parameter gradients over the ``W``
+    processes then yields exactly ``dL/dtheta``, as on one device with the global batch.
+    (Gathering without gradient and putting the local tensor back in its slice would instead
+    drop the terms where ``x_r`` is a key of another process's anchors.)
     """
-    rank, world = world_info()
+    _, world = world_info()
     if world == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.detach().contiguous())
-    parts[rank] = local
-    return torch.cat(parts)
+    if not local.requires_grad:
+        # Labels, frozen caption features: nothing to send back, so no collective in backward.
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+    return _GatherWithGrad.apply(local)
 
 
 class InfoNCELoss(nn.Module):
     """Symmetric CLIP loss: each image against every caption of the (global) batch, its own
-    caption the positive, and each caption against every image."""
+    caption the positive, and each caption against every image.
+
+    ``image`` and ``text`` are this process's L2-normalised features, row ``i`` of each a pair;
+    ``scale`` is the logit scale (``logit_scale.exp()``). Each process returns the mean over its
+    own anchors, so the mean over processes is the loss of the global batch.
+    """
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
                 ) -> torch.Tensor:
@@ -61,19 +96,22 @@ class SupConLoss(nn.Module):
         L_i = -1/|P(i)| * sum_{j in P(i)} log( exp(s * <v_i, t_j>) / sum_k exp(s * <v_i, t_k>) )
 
     and symmetrically for caption anchors against images; the loss is the mean of the two
-    directions' means. With all labels distinct it is exactly :class:`InfoNCELoss`.
+    directions' means. With all labels distinct it is exactly :class:`InfoNCELoss`. Anchors are
+    this process's (L2-normalised) features, keys and labels those of the global batch, as in
+    :class:`InfoNCELoss`.
     """
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
                 scale: torch.Tensor) -> torch.Tensor:
         all_image, all_text = gather_with_grad(image), gather_with_grad(text)
         all_labels = gather_with_grad(labels)
-        positives = (labels[:, None] == all_labels[None, :]).float()
+        positives = labels[:, None] == all_labels[None, :]  # never empty: the own pair
         per_anchor = positives.sum(1)
 
         def direction(anchor: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
             log_prob = F.log_softmax(scale * anchor @ keys.T, dim=1)
-            return (-(log_prob * positives).sum(1) / per_anchor).mean()
+            picked = log_prob.masked_fill(~positives, 0.0)  # masked: no 0 * -inf = nan
+            return (-picked.sum(1) / per_anchor).mean()
 
         return (direction(image, all_text) + direction(text, all_image)) / 2
 

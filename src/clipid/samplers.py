@@ -15,7 +15,13 @@ __all__ = ["PKSampler", "ShardedRandomSampler"]
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
+    # Mixed rather than seed + epoch, so that (seed 0, epoch 1) and (seed 1, epoch 0) differ.
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _check_shard(name: str, rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{name}: rank {rank} is not in [0, world_size={world_size})")
 
 
 class ShardedRandomSampler(Sampler[int]):
@@ -25,6 +31,7 @@ class ShardedRandomSampler(Sampler[int]):
     def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if n < 1:
             raise ValueError("ShardedRandomSampler: no samples")
+        _check_shard("ShardedRandomSampler", rank, world_size)
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.epoch = 0
         self.per_rank = -(-n // world_size)
@@ -56,6 +63,7 @@ class PKSampler(Sampler[int]):
                  world_size: int = 1):
         if p < 1 or k < 1:
             raise ValueError(f"PKSampler: p ({p}) and k ({k}) must be at least 1")
+        _check_shard("PKSampler", rank, world_size)
         self.by_identity: dict[int, list[int]] = {}
         for index, label in enumerate(labels):
             self.by_identity.setdefault(int(label), []).append(index)

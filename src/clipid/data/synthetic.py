@@ -13,6 +13,7 @@ not depend on the number of worker processes, and adding views does not change e
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -58,6 +59,7 @@ _SHAPES: dict[str, list[tuple[float, float]]] = {
                (.16, .70)],
 }
 _TOPS = {"t-shirt", "shirt", "jacket", "hoodie", "dress"}
+_PAIRS = {"trousers", "shorts"}  # plural nouns: "a pair of ..."
 
 # What scraped captions look like.
 _HTML = ("<b>", "</b>", "<br/>", "&amp;", "&nbsp;", "<p>", "</p>", "<span class='x'>")
@@ -69,21 +71,27 @@ def item_spec(seed: int, item: int) -> dict[str, Any]:
     """The look of one item: drawn from its own seed, independent of every other item."""
     rng = np.random.default_rng([seed, item, 0])
     colours = list(COLOURS)
+
+    def other(*avoid: str) -> str:
+        # A detail in the garment's own colour would be invisible yet still described in words.
+        return str(rng.choice([c for c in colours if c not in avoid]))
+
     colour = colours[rng.integers(len(colours))]
-    secondary = colours[rng.integers(len(colours))]
-    while secondary == colour:
-        secondary = colours[rng.integers(len(colours))]
-    trim = colours[rng.integers(len(colours))]
+    secondary = other(colour)
+    trim = other(colour)
     category = CATEGORIES[rng.integers(len(CATEGORIES))]
+    pattern = PATTERNS[rng.integers(len(PATTERNS))]
+    # A plain garment always carries a logo: its continuous position keeps two items apart.
+    logos = LOGOS[1:] if pattern == "solid" else LOGOS
     return {
         "category": category,
         "colour": colour,
         "secondary": secondary,
-        "pattern": PATTERNS[rng.integers(len(PATTERNS))],
+        "pattern": pattern,
         "spacing": int(rng.integers(4, 11)),          # stripe / dot / check period (1/64ths)
         "angle": float(rng.choice([0.0, 45.0, 90.0, 135.0])),
-        "logo": LOGOS[rng.integers(len(LOGOS))],
-        "logo_colour": colours[rng.integers(len(colours))],
+        "logo": logos[rng.integers(len(logos))],
+        "logo_colour": other(colour, secondary),
         "logo_pos": (float(rng.uniform(.38, .62)), float(rng.uniform(.30, .55))),
         "trim": trim,
         "pocket": bool(rng.random() < 0.4),
@@ -95,12 +103,18 @@ def describe(spec: dict[str, Any]) -> str:
     """The item's clean description: what a shop's attribute table would say."""
     pattern = {"solid": "", "stripes": "striped ", "dots": "polka dot ", "checks": "checked ",
                "zigzag": "zigzag "}[spec["pattern"]]
-    text = f"a {spec['colour']} {pattern}{spec['category']}"
+    article = "an" if spec["colour"][0] in "aeiou" else "a"
+    if spec["category"] in _PAIRS:
+        article = "a pair of"
+    details = [f"{spec['trim']} trim"]
     if spec["pattern"] != "solid":
-        text += f" with {spec['secondary']} {spec['pattern']}"
+        details.insert(0, f"{spec['secondary']} {spec['pattern']}")
+    if spec["pocket"]:
+        details.append("a pocket")
     if spec["logo"] != "none":
-        text += f" and a {spec['logo_colour']} {spec['logo']} logo"
-    return text
+        details.append(f"a {spec['logo_colour']} {spec['logo']} logo")
+    listed = details[0] if len(details) == 1 else f"{', '.join(details[:-1])} and {details[-1]}"
+    return f"{article} {spec['colour']} {pattern}{spec['category']} with {listed}"
 
 
 def _pattern_layer(spec: dict[str, Any], size: int) -> Image.Image:
@@ -158,10 +172,10 @@ def _garment(spec: dict[str, Any], size: int) -> Image.Image:
     outline = [(x * size, y * size) for x, y in _SHAPES[spec["category"]]]
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).polygon(outline, fill=255)
-    garment = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    garment.paste(_pattern_layer(spec, size), (0, 0), mask)
-    draw = ImageDraw.Draw(garment)
-    draw.line(outline + [outline[0]], fill=COLOURS[spec["trim"]], width=max(1, size // 40))
+    # Details go on the fabric before it is cut out, so none floats off the garment (e.g. a
+    # logo between trouser legs).
+    fabric = _pattern_layer(spec, size)
+    draw = ImageDraw.Draw(fabric)
     if spec["pocket"]:
         px, py = 0.56 * size, 0.55 * size
         draw.rectangle([px, py, px + size * .1, py + size * .1],
@@ -170,6 +184,10 @@ def _garment(spec: dict[str, Any], size: int) -> Image.Image:
         y = (0.3 + 0.15 * b) * size
         draw.ellipse([0.49 * size, y, 0.53 * size, y + 0.04 * size], fill=COLOURS[spec["trim"]])
     _logo(draw, spec, size)
+    garment = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    garment.paste(fabric, (0, 0), mask)
+    ImageDraw.Draw(garment).line(outline + [outline[0]], fill=COLOURS[spec["trim"]],
+                                 width=max(1, size // 40))
     return garment
 
 
@@ -181,7 +199,9 @@ def draw_view(spec: dict[str, Any], seed: int, item: int, view: int, size: int) 
     # A vertical gradient background: studio walls are never flat.
     ramp = np.linspace(0, 1, size)[:, None, None]
     bg = (np.array(bg_a) * (1 - ramp) + np.array(bg_b) * ramp).repeat(size, axis=1)
-    photo = Image.fromarray(bg.astype(np.uint8), "RGB")
+    if rng.random() < 0.5:  # fabric or paper grain, so the background is not a clean cue
+        bg = bg + rng.normal(0, float(rng.uniform(3, 12)), bg.shape)
+    photo = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
 
     scale = float(rng.uniform(0.75, 1.0))
     side = max(8, int(size * scale))
@@ -250,9 +270,12 @@ def generate(out_dir: Path, params: SyntheticParams, seed: int, workers: int = 0
         raise ValueError(f"data.synthetic.items ({params.items}) leaves fewer than 2 training "
                          "identities")
     out_dir = Path(out_dir)
-    images = out_dir / "images"
+    images, manifest = out_dir / "images", out_dir / "manifest.csv"
+    # Always redraw: nothing stale from an earlier, bigger data set, and no old manifest left
+    # pointing at half-drawn images if this run fails.
+    manifest.unlink(missing_ok=True)
     if images.exists():
-        shutil.rmtree(images)  # nothing stale from an earlier, bigger data set
+        shutil.rmtree(images)
     images.mkdir(parents=True)
 
     order = np.random.default_rng([seed, 1 << 20]).permutation(params.items)
@@ -282,13 +305,13 @@ def generate(out_dir: Path, params: SyntheticParams, seed: int, workers: int = 0
         for job in jobs:
             _draw_job(job)
 
-    manifest = out_dir / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    # A stamp of what was drawn, for a person looking at the folder; generate never trusts it.
     (out_dir / "synthetic.json").write_text(
-        json.dumps({"seed": seed, "items": params.items, "views": params.views,
-                    "test_items": n_test, "image_size": params.image_size}, indent=1),
+        json.dumps({"seed": seed, **dataclasses.asdict(params), "test_items": n_test},
+                   indent=1, sort_keys=True),
         encoding="utf-8")
     return manifest

@@ -4,6 +4,8 @@
 are comparable with the re-identification literature.
 """
 
+from __future__ import annotations
+
 from clipid.metrics.rank import evaluate_rank, positive_ranks, summarise
 from clipid.metrics.reference import evaluate_rank_loop
 from clipid.metrics.rerank import k_reciprocal_rerank

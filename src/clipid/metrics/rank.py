@@ -3,7 +3,8 @@
 No argsort: CMC and AP only need, for each query, the rank of each of its few positives. That
 rank is the number of negatives closer than the positive (a binary search in the row's sorted
 negative distances: sorting values is several times faster than sorting indices) plus the
-positives before it. Queries are processed in chunks, so temporaries stay a few megabytes.
+positives before it. Queries are processed in chunks, so temporaries stay a few megabytes, and
+everything but the sort and one binary search per query is vectorised over the chunk.
 """
 
 from __future__ import annotations
@@ -11,10 +12,31 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["evaluate_rank", "positive_ranks", "summarise"]
+__all__ = ["ChunkRanks", "evaluate_rank", "positive_ranks", "ranked_chunks", "summarise"]
+
+
+class ChunkRanks(NamedTuple):
+    """The positives' ranks of one chunk of queries, flat: query ``queries[n]`` owns
+    ``ranks[starts[n]:starts[n + 1]]`` (0-based, ascending). Only queries with a positive left."""
+
+    queries: np.ndarray  # (n,) query indices
+    starts: np.ndarray   # (n + 1,) offsets into ranks
+    ranks: np.ndarray    # (total,) int64
+
+    def first(self) -> np.ndarray:
+        """Rank of each query's first hit."""
+        return self.ranks[self.starts[:-1]]
+
+    def average_precision(self) -> np.ndarray:
+        """AP of each query: mean over its positives of (hits so far) / (rank + 1)."""
+        counts = np.diff(self.starts)
+        owner = np.repeat(np.arange(len(counts)), counts)
+        hits_so_far = np.arange(len(self.ranks)) - self.starts[owner] + 1
+        return np.bincount(owner, hits_so_far / (self.ranks + 1), len(counts)) / counts
 
 
 def _codes(q_ids: np.ndarray, g_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,12 +62,19 @@ def _check(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams) -> None:
         raise ValueError("camera arrays must match the distance matrix's shape")
 
 
-def positive_ranks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
-                   q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
-                   chunk_elements: int = 1 << 22) -> Iterator[tuple[int, np.ndarray]]:
-    """For each query with a positive left: ``(query index, ranks)``, ``ranks`` the sorted
-    0-based positions of its positives in the gallery ranked by ascending distance, ties in
-    gallery order (a stable sort), after removing same-identity same-camera entries."""
+def _ragged(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(a, b) for a, b in zip(lo, hi)])`` without the Python loop."""
+    lengths = hi - lo
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(lengths.sum()) - np.repeat(offsets - lo, lengths)
+
+
+def ranked_chunks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
+                  q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
+                  chunk_elements: int = 1 << 22) -> Iterator[ChunkRanks]:
+    """The positives' ranks, chunk by chunk of queries: positions in the gallery ranked by
+    ascending distance, ties in gallery order (a stable sort), after removing the entries of
+    the query's identity and camera. Queries with no positive left are left out."""
     distmat = np.asarray(distmat)
     _check(distmat, q_ids, g_ids, q_cams, g_cams)
     q_codes, g_codes = _codes(q_ids, g_ids)
@@ -59,53 +88,67 @@ def positive_ranks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     hi = np.searchsorted(g_codes[by_code], q_codes, side="right")
     step = max(1, chunk_elements // max(n_g, 1))
     chunks = [(start, min(start + step, n_q)) for start in range(0, n_q, step)]
-    sames = {}
 
-    def sorted_negatives(chunk: tuple[int, int]) -> np.ndarray:
+    def sorted_negatives(chunk: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start, stop = chunk
-        same = sames[start] = [by_code[lo[i]:hi[i]] for i in range(start, stop)]
+        rows = np.repeat(np.arange(stop - start), hi[start:stop] - lo[start:stop])
+        same = by_code[_ragged(lo[start:stop], hi[start:stop])]  # row-major, index-ascending
         # Negatives only, sorted per row: same-identity entries go to the end, out of counts.
         negatives = np.array(distmat[start:stop], copy=True)
-        negatives[np.repeat(np.arange(stop - start), [len(s) for s in same]),
-                  np.concatenate(same)] = np.inf
+        negatives[rows, same] = np.inf
         negatives.sort(axis=1)
-        return negatives
+        return rows, same, negatives
 
     # Sorting releases the GIL: the next chunks sort in threads while this one is counted.
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         pending = [pool.submit(sorted_negatives, c) for c in chunks[:2]]
         for k, (start, stop) in enumerate(chunks):
-            negatives = pending[k].result()
+            rows, same, negatives = pending[k].result()
             if k + 2 < len(chunks):
                 pending.append(pool.submit(sorted_negatives, chunks[k + 2]))
             pending[k] = None  # free the chunk once counted
-            dist = distmat[start:stop]
-            yield from _chunk_ranks(dist, negatives, sames.pop(start), start, q_cams, g_cams)
+            yield _chunk_ranks(distmat[start:stop], negatives, rows, same, start, q_cams, g_cams)
 
 
-def _chunk_ranks(dist: np.ndarray, negatives: np.ndarray, same: list[np.ndarray], start: int,
-                 q_cams: np.ndarray | None, g_cams: np.ndarray | None
-                 ) -> Iterator[tuple[int, np.ndarray]]:
-    n_g = dist.shape[1]
-    for r, same_idx in enumerate(same):
-        i = start + r
-        pos_idx = same_idx if q_cams is None else same_idx[g_cams[same_idx] != q_cams[i]]
-        if len(pos_idx) == 0:
-            continue  # no positive left: the query is skipped
-        pos_values = dist[r, pos_idx]
-        order = np.argsort(pos_values, kind="stable")  # ties among positives: index order
-        pos_values, pos_idx = pos_values[order], pos_idx[order]
-        closer = np.searchsorted(negatives[r], pos_values, side="left")
-        tied = np.searchsorted(negatives[r], pos_values, side="right") - closer
-        ranks = np.arange(len(pos_idx)) + closer
-        if tied.any():
-            not_same = np.ones(n_g, dtype=bool)
-            not_same[same_idx] = False
-            for m in np.flatnonzero(tied):
-                # Negatives at exactly this distance come first when their index is lower.
-                equal = np.flatnonzero((dist[r] == pos_values[m]) & not_same)
-                ranks[m] += np.count_nonzero(equal < pos_idx[m])
-        yield i, ranks
+def _chunk_ranks(dist: np.ndarray, negatives: np.ndarray, rows: np.ndarray, same: np.ndarray,
+                 start: int, q_cams: np.ndarray | None, g_cams: np.ndarray | None) -> ChunkRanks:
+    n_neg = dist.shape[1] - np.bincount(rows, minlength=len(dist))  # negatives per row
+    positive = np.ones(len(same), dtype=bool) if q_cams is None else \
+        g_cams[same] != q_cams[start + rows]
+    p_rows, p_idx = rows[positive], same[positive]
+    values = dist[p_rows, p_idx]
+    # By row, then distance; lexsort is stable, so equal distances keep gallery order.
+    order = np.lexsort((values, p_rows))
+    p_rows, p_idx, values = p_rows[order], p_idx[order], values[order]
+    queries, starts, counts = np.unique(p_rows, return_index=True, return_counts=True)
+    starts = np.append(starts, len(p_rows))
+
+    closer = np.empty(len(values), dtype=np.int64)
+    for n, r in enumerate(queries):  # one binary search per query: the only Python loop
+        closer[starts[n]:starts[n + 1]] = negatives[r].searchsorted(values[starts[n]:
+                                                                          starts[n + 1]])
+    # Positives before this one, plus negatives closer.
+    ranks = np.arange(len(values)) - np.repeat(starts[:-1], counts) + closer
+    # A negative at exactly the same distance ranks first when its gallery index is lower.
+    at = np.minimum(closer, negatives.shape[1] - 1)
+    tied = (closer < n_neg[p_rows]) & (negatives[p_rows, at] == values)
+    for m in np.flatnonzero(tied):
+        r, j, v = p_rows[m], p_idx[m], values[m]
+        a, b = np.searchsorted(rows, [r, r + 1])
+        own = same[a:b]  # the row's same-identity entries: not negatives
+        ranks[m] += (np.count_nonzero(dist[r, :j] == v)
+                     - np.count_nonzero(dist[r, own[own < j]] == v))
+    return ChunkRanks(queries + start, starts, ranks)
+
+
+def positive_ranks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
+                   q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
+                   chunk_elements: int = 1 << 22) -> Iterator[tuple[int, np.ndarray]]:
+    """Per query with a positive left: ``(query index, ranks)``, ``ranks`` the sorted 0-based
+    positions of its positives (see :func:`ranked_chunks`)."""
+    for chunk in ranked_chunks(distmat, q_ids, g_ids, q_cams, g_cams, chunk_elements):
+        for n, i in enumerate(chunk.queries):
+            yield int(i), chunk.ranks[chunk.starts[n]:chunk.starts[n + 1]]
 
 
 def evaluate_rank(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
@@ -122,13 +165,16 @@ def evaluate_rank(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     max_rank = min(max_rank, distmat.shape[1])
     first_hits = np.zeros(max_rank + 1, dtype=np.int64)
     aps = []
-    for _, ranks in positive_ranks(distmat, q_ids, g_ids, q_cams, g_cams):
-        first_hits[min(ranks[0], max_rank)] += 1
-        aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / (ranks + 1))))
-    if not aps:
-        raise ValueError("no query has a positive in the gallery: CMC and mAP are undefined")
-    cmc = np.cumsum(first_hits[:max_rank]) / len(aps)
-    return cmc.astype(np.float32), float(np.mean(aps))
+    for chunk in ranked_chunks(distmat, q_ids, g_ids, q_cams, g_cams):
+        first_hits += np.bincount(np.minimum(chunk.first(), max_rank), minlength=max_rank + 1)
+        aps.append(chunk.average_precision())
+    valid = sum(len(a) for a in aps)
+    if valid == 0:
+        raise ValueError(f"no query has a positive in the gallery (none of {distmat.shape[0]} "
+                         "after removing same-identity same-camera entries): CMC and mAP are "
+                         "undefined")
+    cmc = np.cumsum(first_hits[:max_rank]) / valid
+    return cmc.astype(np.float32), float(np.concatenate(aps).mean())
 
 
 def summarise(cmc: np.ndarray, mean_ap: float) -> dict[str, float]:

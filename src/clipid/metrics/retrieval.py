@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipid.metrics.rank import positive_ranks
+from clipid.metrics.rank import ranked_chunks
 
 __all__ = ["aggregate_draws", "recall_at_k", "text_to_image"]
 
@@ -15,13 +15,17 @@ __all__ = ["aggregate_draws", "recall_at_k", "text_to_image"]
 def recall_at_k(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
                 ks: Sequence[int] = (1, 10, 20)) -> dict[str, float]:
     """In-shop Recall@K: the share of queries with an image of their item among the K nearest
-    gallery images. No camera filtering; every query counts, so a query whose item has no
-    gallery image is a miss (the In-shop evaluation divides by all queries too)."""
-    hits = {k: 0 for k in ks}
-    for _, ranks in positive_ranks(distmat, q_ids, g_ids):
-        for k in ks:
-            hits[k] += int(ranks[0] < k)
+    gallery images (ascending distance, ties in gallery order). No camera filtering; every query
+    counts, so a query whose item has no gallery image is a miss (the In-shop evaluation divides
+    by all queries too)."""
     n = np.asarray(distmat).shape[0]
+    if n == 0:
+        raise ValueError("no queries")
+    hits = dict.fromkeys(ks, 0)
+    for chunk in ranked_chunks(distmat, q_ids, g_ids):
+        first = chunk.first()
+        for k in ks:
+            hits[k] += int(np.count_nonzero(first < k))
     return {f"R{k}": hits[k] / n for k in ks}
 
 
@@ -30,15 +34,18 @@ def text_to_image(similarity: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     """Text-to-image retrieval: ``similarity[i, j]`` of query caption ``i`` and gallery image
     ``j`` (higher is closer). A caption's positives are the gallery images of its identity;
     captions with none are skipped. Recall@K and mAP over the remaining captions."""
-    hits = {k: 0 for k in ks}
+    hits = dict.fromkeys(ks, 0)
     aps = []
-    for _, ranks in positive_ranks(-np.asarray(similarity), q_ids, g_ids):
+    # Negated similarity is a distance with the same order (ties still in gallery order).
+    for chunk in ranked_chunks(-np.asarray(similarity), q_ids, g_ids):
+        first = chunk.first()
         for k in ks:
-            hits[k] += int(ranks[0] < k)
-        aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / (ranks + 1))))
-    if not aps:
+            hits[k] += int(np.count_nonzero(first < k))
+        aps.append(chunk.average_precision())
+    valid = sum(len(a) for a in aps)
+    if valid == 0:
         raise ValueError("no caption has a positive in the gallery")
-    return {**{f"R{k}": hits[k] / len(aps) for k in ks}, "mAP": float(np.mean(aps))}
+    return {**{f"R{k}": hits[k] / valid for k in ks}, "mAP": float(np.concatenate(aps).mean())}
 
 
 def aggregate_draws(draws: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -182,6 +182,14 @@ class Trainer:
         digest.update(str(self.world_size).encode())
         return digest.hexdigest()
 
+    def make_loader(self, dataset: Dataset, sampler: Any, batch_size: int) -> Any:
+        """The batches of one epoch; ``bench/train.py`` swaps in batches held in memory."""
+        # Workers are not persistent: each epoch's workers take their seeds from the generator
+        # reseeded per epoch, so augmentation does not depend on where a resumed run started.
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.params.train.workers,
+                          pin_memory=self.device.type == "cuda")
+
     # ------------------------------------------------------------------ training
 
     def fit(self) -> TrainResult:
@@ -253,10 +261,7 @@ class Trainer:
         else:
             sampler = ShardedRandomSampler(len(dataset), seed=train_cfg.seed, rank=self.rank,
                                            world_size=self.world_size)
-        # Workers are not persistent: each epoch's workers take their seeds from the generator
-        # reseeded below, so augmentation does not depend on where a resumed run started.
-        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
-                            num_workers=train_cfg.workers, pin_memory=device.type == "cuda")
+        loader = self.make_loader(dataset, sampler, local_batch)
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
             raise ClipidError(f"{self.stage}: {len(dataset)} training images make no full batch "

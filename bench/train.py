@@ -1,0 +1,86 @@
+"""bench/train: is data loading ever the bottleneck of training?
+
+Trains Stage 2 (image tower against cached text features: the least compute per image, so the
+most demanding on the data path) and Stage 4 (PK sampler, identity losses) on the default
+synthetic data set, once through the real data path (prepared PNGs, decoding, augmentation,
+DataLoader with ``train.workers``) and once on the same batches already in memory. Target
+(issue 4): real / in-memory images per second >= 0.9.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from clipid.config import load_params, params_from_dict
+from clipid.stages.clean_captions import clean_captions
+from clipid.stages.prepare import prepare
+from clipid.training.engine import Trainer
+
+from _report import machine, write_section
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+
+
+class InMemoryTrainer(Trainer):
+    """The same training, fed from batches decoded and augmented before the clock starts."""
+
+    def make_loader(self, dataset, sampler, batch_size):
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+        return list(loader)
+
+
+def images_per_second(trainer_cls, params, stage: str, prepared: Path, work: Path) -> float:
+    torch.manual_seed(0)
+    trainer = trainer_cls(params, stage, device=torch.device("cpu"), prepared=prepared,
+                          models_dir=work / trainer_cls.__name__,
+                          resume_dir=work / "resume" / trainer_cls.__name__)
+    result = trainer.fit()
+    images = EPOCHS * (len(trainer.data.rows("train")) // params.train.batch_size) \
+        * params.train.batch_size
+    return images / result.seconds
+
+
+def main() -> int:
+    defaults = load_params(REPO / "params.yaml")
+    raw = {"train": {"epochs": EPOCHS, "workers": defaults.train.workers}}
+    params = params_from_dict(raw)
+    rows, checks = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepared = work / "prepared"
+        prepare(params, prepared, work / "data.json")
+        clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
+                       work / "captions.json")
+        for stage in ("stage2", "stage4"):
+            spec = {"stage4": {"init": "pretrained"}} if stage == "stage4" else {}
+            stage_params = params_from_dict({**raw, **spec})
+            real = images_per_second(Trainer, stage_params, stage, prepared, work)
+            memory = images_per_second(InMemoryTrainer, stage_params, stage, prepared, work)
+            ratio = real / memory
+            rows.append(f"| {stage} | {real:.1f} | {memory:.1f} | {ratio:.2f} |")
+            checks[f"{stage}: real data path >= 0.9x in-memory batches"] = ratio >= 0.9
+    body = "\n".join([
+        f"Default synthetic data set and model (`{params.model.name}`, batch "
+        f"{params.train.batch_size}, {EPOCHS} epochs, `train.workers` = {params.train.workers},"
+        " CPU).",
+        f"Machine: {machine()}.",
+        "",
+        "| stage | real data path (img/s) | batches in memory (img/s) | ratio |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        *[f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()],
+    ])
+    print(body)
+    write_section("bench/train", body)
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
