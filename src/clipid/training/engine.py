@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -104,6 +105,20 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _average_gradients(parameters: list[nn.Parameter]) -> None:
+    """All-reduce the mean gradient of parameters that no DDP wrapper covers."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class _Towers(nn.Module):
@@ -335,6 +350,11 @@ class Trainer:
                 if center_optimizer is not None:
                     center_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.world_size > 1:
+                    # DDP averages only the towers' gradients; the head and the centres sit
+                    # outside it, so average theirs here or every rank's copy drifts apart.
+                    _average_gradients([*(head.parameters() if head is not None else ()),
+                                        *(center.parameters() if center is not None else ())])
                 if train_cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(
                         [p for g in optimizer.param_groups for p in g["params"]],
