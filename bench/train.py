@@ -5,6 +5,10 @@ most demanding on the data path) and Stage 4 (PK sampler, identity losses) on th
 synthetic data set, once through the real data path (prepared PNGs, decoding, augmentation,
 DataLoader with ``train.workers``) and once on the same batches already in memory. Target
 (issue 4): real / in-memory images per second >= 0.9.
+
+With a GPU (issue 7) it also measures Stage 4 training throughput of ``ViT-B-16`` at 224 px
+(random weights: the speed does not depend on them) in fp32 and bf16, written to its own
+section ``bench/train (GPU)``; ``--gpu-only`` skips the CPU part.
 """
 
 from __future__ import annotations
@@ -46,7 +50,56 @@ def images_per_second(trainer_cls, params, stage: str, prepared: Path, work: Pat
     return images / result.seconds
 
 
+def gpu_throughput(work: Path) -> int:
+    """Stage 4 images/s of ViT-B-16 at 224 px, fp32 against bf16, batches held in memory so
+    that the figure is the model's, not the PNG decoder's."""
+    device = torch.device("cuda")
+    raw = {"model": {"name": "ViT-B-16", "pretrained": ""},
+           "data": {"synthetic": {"items": 192, "views": 4, "image_size": 224},
+                    "cache_size": 224},
+           "train": {"epochs": EPOCHS, "batch_size": 64, "pk_k": 4},
+           "stage4": {"init": "pretrained"}}
+    prepared = work / "prepared-224"
+    base = params_from_dict(raw)
+    prepare(base, prepared, work / "data-224.json")
+    rows = []
+    speeds = {}
+    for precision in ("fp32", "bf16"):
+        params = params_from_dict({**raw, "train": {**raw["train"], "precision": precision,
+                                                    "channels_last": True}})
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer = InMemoryTrainer(params, "stage4", device=device, prepared=prepared,
+                                  models_dir=work / f"gpu-{precision}",
+                                  resume_dir=work / "resume" / f"gpu-{precision}")
+        result = trainer.fit()
+        steps = len(trainer.data.rows("train")) // params.train.batch_size
+        speeds[precision] = EPOCHS * steps * params.train.batch_size / result.seconds
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append(f"| {precision} | {speeds[precision]:.0f} | {peak:.1f} |")
+    body = "\n".join([
+        f"Stage 4 (CE + triplet + center, PK sampler), `ViT-B-16` at 224 px, batch "
+        f"{base.train.batch_size}, {EPOCHS} epochs of {steps} steps, channels-last, batches in "
+        "memory. The first epoch's warm-up is included.",
+        f"Device: {torch.cuda.get_device_name(device)}; {machine()}.",
+        "",
+        "| precision | images/s | peak GPU memory (GiB) |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+        f"bf16 / fp32: {speeds['bf16'] / speeds['fp32']:.2f}x",
+    ])
+    print(body)
+    write_section("bench/train (GPU)", body)
+    return 0
+
+
 def main() -> int:
+    if "--gpu-only" in sys.argv[1:]:
+        if not torch.cuda.is_available():
+            print("bench/train --gpu-only: no CUDA device", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:
+            return gpu_throughput(Path(tmp))
     defaults = load_params(REPO / "params.yaml")
     raw = {"train": {"epochs": EPOCHS, "workers": defaults.train.workers}}
     params = params_from_dict(raw)
@@ -79,6 +132,11 @@ def main() -> int:
     ])
     print(body)
     write_section("bench/train", body)
+    if torch.cuda.is_available():
+        with tempfile.TemporaryDirectory() as tmp:
+            gpu_throughput(Path(tmp))
+    else:
+        print("bench/train: no CUDA device, so no ViT-B-16 fp32/bf16 figures", file=sys.stderr)
     return 0 if all(checks.values()) else 1
 
 

@@ -33,9 +33,13 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from clipid.stages.train import train_stage
+    from clipid.stages.train import launch, needs_launch, train_stage
 
-    train_stage(load_params(args.params), args.stage)
+    params = load_params(args.params)
+    if needs_launch(params):
+        launch(params, args.stage, args.params)
+    else:
+        train_stage(params, args.stage)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

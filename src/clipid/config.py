@@ -106,6 +106,7 @@ class EvalParams:
     rerank_k1: int = _spec(20, ge=1)
     rerank_k2: int = _spec(6, ge=1)
     rerank_lambda: float = _spec(0.3, ge=0, le=1)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ class TrainParams:
     center_lr: float = _spec(0.5, gt=0)
     workers: int = _spec(0, ge=0)
     log_every: int = _spec(5, ge=1)
+    nproc: int = _spec(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 

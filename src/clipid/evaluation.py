@@ -24,6 +24,7 @@ from clipid.metrics import (
     text_to_image,
 )
 from clipid.models.factory import ClipModel
+from clipid.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     if not images:
         raise ValueError(f"{data.root / 'manifest.csv'}: no query or gallery images")
     position = {image: i for i, image in enumerate(images)}
+    device = torch.device(device)
+    dtype = resolve_precision(params.precision, device, "eval.precision")
     feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
                            batch_size=params.batch_size, workers=params.workers, flip=params.flip,
-                           device=device).numpy()
+                           device=device, dtype=dtype).numpy()
     query_images = sorted(test.loc[test["split"] == "query", "image"].unique())
     captions = data.captions(test[test["image"].isin(query_images)].drop_duplicates("image"))
     caption_of = dict(zip(query_images, captions, strict=True)) if data.texts else {}
@@ -77,7 +80,7 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     if caption_of and hasattr(clip.model, "encode_text"):
         unique = sorted(set(caption_of.values()))
         encoded = text_features(clip.model, clip.tokenizer, unique, batch_size=params.batch_size,
-                                device=device).numpy()
+                                device=device, dtype=dtype).numpy()
         text_feats = dict(zip(unique, encoded, strict=True))
 
     per_draw, cmcs, ranked = [], [], []

@@ -135,12 +135,15 @@ class Tracker:
 
     ``run_id`` reopens an existing run instead of starting one (the evaluation stage logs into
     the run that trained the model); a reopened run keeps its status and its params. Every
-    method is a no-op once tracking has failed, after a single warning.
+    method is a no-op once tracking has failed, after a single warning, and when ``enabled``
+    is false (the processes other than rank 0 of a distributed run).
     """
 
     def __init__(self, stage: str, params: Params, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
+                 tags: dict[str, str] | None = None, run_id: str | None = None,
+                 enabled: bool = True) -> None:
         self.stage = stage
+        self.enabled = enabled
         self.params = params
         self.run_name = run_name or stage
         self.extra_tags = dict(tags or {})
@@ -163,6 +166,8 @@ class Tracker:
     # start and end
 
     def __enter__(self) -> Tracker:
+        if not self.enabled:
+            return self
         root = store_root()
         self.uri = tracking_uri(root)
         try:

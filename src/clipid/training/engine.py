@@ -40,6 +40,7 @@ from clipid.losses import (
 )
 from clipid.models.checkpoint import save_checkpoint
 from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.samplers import PKSampler, ShardedRandomSampler
 from clipid.training.heads import BNNeckClassifier
 from clipid.training.schedule import param_groups, warmup_cosine
@@ -205,6 +206,22 @@ class Trainer:
                           num_workers=self.params.train.workers,
                           pin_memory=self.device.type == "cuda")
 
+    def _cuda_only(self, key: str) -> bool:
+        if self.device.type == "cuda":
+            return True
+        log.warning("%s applies on CUDA only; ignored on %s", key, self.device)
+        return False
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Loss figures averaged over processes, so rank 0 logs the global batch's."""
+        if self.world_size == 1 or not values:
+            return values
+        keys = sorted(values)
+        flat = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                            device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flat)
+        return {k: float(v) / self.world_size for k, v in zip(keys, flat.tolist(), strict=True)}
+
     # ------------------------------------------------------------------ training
 
     def fit(self) -> TrainResult:
@@ -285,10 +302,17 @@ class Trainer:
         scheduler = warmup_cosine(optimizer, round(train_cfg.warmup_epochs * steps_per_epoch),
                                   total_steps)
 
+        dtype = resolve_precision(train_cfg.precision, device, "train.precision")
+        scaler = grad_scaler(dtype, device)
+        channels_last = train_cfg.channels_last and self._cuda_only("train.channels_last")
+        if channels_last:
+            model.visual.to(memory_format=torch.channels_last)
         forward: nn.Module = _Towers(model)
         if self.world_size > 1:
             forward = nn.parallel.DistributedDataParallel(
                 forward, device_ids=[device.index] if device.type == "cuda" else None)
+        if train_cfg.compile and self._cuda_only("train.compile"):
+            forward = torch.compile(forward)
 
         fingerprint = self._fingerprint(parent_digest)
         start_epoch, history, seconds = 0, [], 0.0
@@ -302,6 +326,8 @@ class Trainer:
             if center is not None:
                 center.load_state_dict(saved["center"])
                 center_optimizer.load_state_dict(saved["center_optimizer"])
+            if "scaler" in saved:
+                scaler.load_state_dict(saved["scaler"])
             start_epoch, history, seconds = saved["epoch"], saved["history"], saved["seconds"]
             log.info("%s: resuming after epoch %d of %d", self.stage, start_epoch, epochs)
         elif saved is not None:
@@ -322,9 +348,15 @@ class Trainer:
                             unit="batch", leave=False, disable=self.rank != 0)
             for images, batch_labels, batch_captions in progress:
                 images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 batch_labels = batch_labels.to(device)
                 batch_tokens = tokens[batch_captions].to(device) if tokens is not None else None
-                feats, text_out, scale = forward(images, batch_tokens)
+                with autocast(device, dtype):
+                    feats, text_out, scale = forward(images, batch_tokens)
+                # The losses run in fp32: softmax over scaled similarities overflows in fp16.
+                feats = feats.float()
+                text_out = text_out.float() if text_out is not None else None
                 terms: dict[str, torch.Tensor] = {}
                 if contrastive_loss is not None:
                     image_feats = F.normalize(feats, dim=-1)
@@ -349,22 +381,25 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if center_optimizer is not None:
                     center_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if self.world_size > 1:
                     # DDP averages only the towers' gradients; the head and the centres sit
                     # outside it, so average theirs here or every rank's copy drifts apart.
                     _average_gradients([*(head.parameters() if head is not None else ()),
                                         *(center.parameters() if center is not None else ())])
                 if train_cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     nn.utils.clip_grad_norm_(
                         [p for g in optimizer.param_groups for p in g["params"]],
                         train_cfg.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
                 if center_optimizer is not None:
+                    scaler.unscale_(center_optimizer)
                     # The centres learn at their own rate, independent of the loss weight.
                     for p in center.parameters():
                         p.grad.mul_(1.0 / spec.center_weight)
-                    center_optimizer.step()
+                    scaler.step(center_optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
 
@@ -374,9 +409,11 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                 progress.set_postfix(loss=f"{values['loss']:.3f}")
                 if step % train_cfg.log_every == 0 or step == total_steps:
-                    self.on_log({**{f"train/{k}": v for k, v in values.items()},
+                    logged = self._mean_over_ranks(values)
+                    self.on_log({**{f"train/{k}": v for k, v in logged.items()},
                                  "train/lr": optimizer.param_groups[0]["lr"]}, step)
             seconds += time.perf_counter() - started
+            sums = self._mean_over_ranks(sums)
             history.append({k: v / steps_per_epoch for k, v in sums.items()})
             log.info("%s epoch %d/%d: %s", self.stage, epoch + 1, epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
@@ -384,7 +421,8 @@ class Trainer:
             if self.rank == 0:
                 state = {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
                          "seconds": seconds, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict()}
                 if head is not None:
                     state["head"] = head.state_dict()
                 if center is not None:
@@ -392,6 +430,7 @@ class Trainer:
                     state["center_optimizer"] = center_optimizer.state_dict()
                 save_state(state, self.resume_dir)
 
+        self.model = model  # the trained weights, on every rank (tests compare them)
         checkpoint = self.out_path
         if self.rank == 0:
             weights = dict(model.state_dict())
@@ -404,4 +443,6 @@ class Trainer:
                     "history": history, "params": flatten_params(params)}
             save_checkpoint(weights, checkpoint, meta)
             shutil.rmtree(self.resume_dir, ignore_errors=True)
+        if self.world_size > 1:
+            dist.barrier()  # every rank returns once the checkpoint it names exists
         return TrainResult(checkpoint, epochs, seconds, history)
