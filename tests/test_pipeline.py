@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 MICRO = {"data": {"synthetic": {"items": 12, "views": 3, "image_size": 48}, "cache_size": 32,
                   "workers": 0},
-         "train": {"epochs": 1, "batch_size": 6, "pk_k": 3, "log_every": 1}}
-STAGES = ("stage1", "stage2", "stage3", "stage4")
+         "train": {"epochs": 1, "batch_size": 6, "pk_k": 3, "log_every": 1},
+         "clipreid": {"prompt_epochs": 1, "prompt_batch_size": 6}}
+STAGES = ("stage1", "stage2", "stage3", "stage4", "clipreid")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -92,9 +93,20 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
 
     # One MLflow run per training stage (with its evaluation), one for Stage 1, one report.
     runs = {r.data.tags["clipid.stage"]: r for r in mlflow_runs(micro_repo)}
-    assert set(runs) == {"zeroshot", "train_stage2", "train_stage3", "train_stage4", "report"}
+    assert set(runs) == {"zeroshot", "train_stage2", "train_stage3", "train_stage4",
+                         "clipreid_prompts", "clipreid_image", "index", "report"}
+    assert "eval/i2i/mAP" in runs["clipreid_image"].data.metrics
+    assert "train/i2t" in runs["clipreid_image"].data.metrics
+    assert "train/t2i" in runs["clipreid_prompts"].data.metrics
+    # The gallery index serves `clipid search` with the Stage 3 and Stage 4 models.
+    index = json.loads((micro_repo / "metrics" / "index.json").read_text())
+    assert {m: e["images"] for m, e in index.items()} == {"stage4": n_test * 2,
+                                                          "stage3": n_test * 2}
+    found = json.loads(sh(micro_repo, "clipid", "search", "--text", "a red shirt", "--json"))
+    assert found["model"] == "stage3" and len(found["results"]) == 10
+    assert (micro_repo / "search.png").stat().st_size > 0
     stage2 = runs["train_stage2"]
-    assert stage2.data.params["train.lr"] == "0.0001"
+    assert stage2.data.params["train.lr"] == "0.001"
     assert "eval/i2i/mAP" in stage2.data.metrics and "train/loss" in stage2.data.metrics
 
     second = sh(micro_repo, "dvc", "repro")
@@ -105,13 +117,14 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     sh(micro_repo, "git", "add", "-A")
     sh(micro_repo, "git", "commit", "-qm", "baseline run")
     out = sh(micro_repo, "dvc", "exp", "run", "-S", "train.lr=1e-5")
-    for stage in ("prepare", "clean_captions", "zeroshot"):
+    for stage in ("prepare", "clean_captions", "zeroshot", "clipreid_prompts"):
         assert f"Running stage '{stage}'" not in out
-    for stage in ("train_stage2", "train_stage3", "train_stage4", "evaluate@stage2", "report"):
+    for stage in ("train_stage2", "train_stage3", "train_stage4", "evaluate@stage2",
+                  "clipreid_image", "index", "report"):
         assert f"Running stage '{stage}'" in out
     lrs = [r.data.params["train.lr"] for r in mlflow_runs(micro_repo)
            if r.data.tags["clipid.stage"] == "train_stage2"]
-    assert sorted(lrs) == ["0.0001", "1e-05"]
+    assert sorted(lrs) == ["0.001", "1e-05"]
     diff = sh(micro_repo, "dvc", "metrics", "diff", "HEAD")
     assert "metrics/stage2.json" in diff
 

@@ -123,7 +123,7 @@ def test_a_killed_stage_resumes_to_the_same_weights(prepared, tmp_path):
 def test_a_resume_state_of_other_params_is_ignored(prepared, tmp_path):
     with pytest.raises(Interrupt):
         fit(micro_params(), "stage2", prepared, tmp_path, on_log=kill_in_second_epoch())
-    other = micro_params(train={"lr": 1e-3, "epochs": 2, "batch_size": 8, "pk_k": 2,
+    other = micro_params(train={"lr": 2e-3, "epochs": 2, "batch_size": 8, "pk_k": 2,
                                 "log_every": 1})
     steps: list[int] = []
     fit(other, "stage2", prepared, tmp_path, on_log=lambda m, s: steps.append(s))

@@ -42,6 +42,12 @@ def _train(args: argparse.Namespace) -> None:
         train_stage(params, args.stage)
 
 
+def _clipreid_prompts(args: argparse.Namespace) -> None:
+    from clipid.stages.clipreid import prompts_stage
+
+    prompts_stage(load_params(args.params))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from clipid.stages.evaluate import evaluate_stage
 
@@ -54,6 +60,38 @@ def _report(args: argparse.Namespace) -> None:
     report(load_params(args.params), args.stages)
 
 
+def _index(args: argparse.Namespace) -> None:
+    from clipid.stages.index import index_stage
+
+    index_stage(load_params(args.params))
+
+
+def _search(args: argparse.Namespace) -> None:
+    import json
+
+    from clipid.runtime import setup_runtime
+    from clipid.search.grid import draw_results
+    from clipid.search.query import search
+
+    # The ranked list is the output: no INFO lines of open_clip's model loading around it.
+    logging.getLogger().setLevel(logging.WARNING)
+    params = load_params(args.params)
+    device = setup_runtime(params.runtime)
+    result = search(params, image=args.image, text=args.text, model=args.model,
+                    top_k=args.top_k, device=device)
+    if args.grid is not None:
+        draw_results(result, args.grid)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    print(f"{result.kind} query {result.query!r}, model {result.model}, {result.backend} index")
+    print(f"{'rank':>4}  {'score':>6}  {'identity':<16}  image")
+    for hit in result.hits:
+        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:<16}  {hit.image}")
+    if args.grid is not None:
+        print(f"grid: {args.grid}")
+
+
 def _check_params(args: argparse.Namespace) -> None:
     load_params(args.params)
     print(f"{args.params}: ok")
@@ -64,12 +102,29 @@ COMMANDS = {
     "clean-captions": (_clean_captions, "clean raw captions into data/prepared/image_texts.json"),
     "zeroshot": (_zeroshot, "Stage 1: evaluate the pretrained model, no training"),
     "train": (_train, "train one fine-tuning stage into models/<stage>/"),
+    "clipreid-prompts": (_clipreid_prompts, "CLIP-ReID: learn the identities' prompts into "
+                         "models/clipreid_prompts/"),
     "evaluate": (_evaluate, "evaluate models/<stage>/ into metrics/<stage>.json"),
     "report": (_report, "compare every stage in metrics/report.md"),
+    "index": (_index, "embed the gallery for search into models/index/<model>/"),
+    "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
     "check-params": (_check_params, "validate params.yaml and exit"),
 }
 
-TRAINED_STAGES = ("stage2", "stage3", "stage4")
+TRAINED_STAGES = ("stage2", "stage3", "stage4", "clipreid")
+
+
+def _search_arguments(cmd: argparse.ArgumentParser) -> None:
+    query = cmd.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", type=Path, help="find the gallery images of this item")
+    query.add_argument("--text", help='find the gallery images matching "a red striped shirt"')
+    cmd.add_argument("--top-k", type=int, default=None,
+                     help="results to show (default: search.top_k)")
+    cmd.add_argument("--model", choices=("stage1", *TRAINED_STAGES), default=None,
+                     help="the stage whose model ranks (default: search.model.image or .text)")
+    cmd.add_argument("--json", action="store_true", help="print the results as JSON")
+    cmd.add_argument("--grid", type=Path, default=Path("search.png"),
+                     help="PNG of the query and its results (default: search.png)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("stage", choices=TRAINED_STAGES, help="the stage")
         if name == "report":
             cmd.add_argument("stages", nargs="+", help="stages to compare, in order")
+        if name == "search":
+            _search_arguments(cmd)
         cmd.set_defaults(func=func)
     return parser
 

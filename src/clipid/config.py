@@ -24,8 +24,12 @@ __all__ = [
     "ConfigError",
     "DataParams",
     "CaptionParams",
+    "ClipReidParams",
     "AugmentParams",
     "EvalParams",
+    "FaissParams",
+    "SearchModelParams",
+    "SearchParams",
     "StageParams",
     "RuntimeParams",
     "TrainParams",
@@ -119,7 +123,7 @@ class AugmentParams:
 @dataclass(frozen=True)
 class TrainParams:
     seed: int = _spec(0, ge=0)
-    lr: float = _spec(1e-4, gt=0, le=1)
+    lr: float = _spec(1e-3, gt=0, le=1)
     epochs: int = _spec(8, ge=1)
     batch_size: int = _spec(64, ge=2)
     pk_k: int = _spec(4, ge=1)
@@ -158,6 +162,61 @@ class StageParams:
 
 
 @dataclass(frozen=True)
+class ClipReidParams:
+    """CLIP-ReID (Li et al., AAAI 2023): per-identity prompts learnt against the frozen towers
+    (stage ``clipreid_prompts``), then the image tower aligned to them (``clipreid_image``)."""
+
+    init: Literal["pretrained", "stage2", "stage3"] = "pretrained"
+    noun: str = "garment"
+    template: str = "a photo of a {ctx} {noun}."
+    n_ctx: int = _spec(4, ge=1, le=32)
+    prompts: Literal["learned", "fixed"] = "learned"
+    fixed_source: Literal["template", "captions"] = "template"
+    prompt_epochs: int = _spec(30, ge=1)
+    prompt_batch_size: int = _spec(64, ge=2)
+    prompt_lr: float = _spec(5e-3, gt=0, le=1)
+    prompt_weight_decay: float = _spec(1e-4, ge=0)
+    prompt_warmup_epochs: float = _spec(2.0, ge=0)
+    epochs: int = _spec(0, ge=0)
+    lr_mult: float = _spec(1.0, gt=0)
+    i2t_weight: float = _spec(1.0, ge=0)
+    id_weight: float = _spec(1.0, ge=0)
+    triplet_weight: float = _spec(1.0, ge=0)
+    center_weight: float = _spec(0.0, ge=0)
+
+
+# The models a gallery can be indexed with: Stage 1 is the pretrained model, the rest checkpoints.
+SearchModel = Literal["stage1", "stage2", "stage3", "stage4", "clipreid"]
+
+
+@dataclass(frozen=True)
+class FaissParams:
+    type: Literal["ivf", "hnsw"] = "ivf"
+    nlist: int = _spec(1024, ge=1)              # ivf: k-means cells (at most N // 39 are used)
+    nprobe: int = _spec(32, ge=1)               # ivf: cells visited per query
+    train_size: int = _spec(100_000, ge=1)      # ivf: vectors k-means trains on
+    hnsw_m: int = _spec(32, ge=2, le=256)       # hnsw: graph degree
+    ef_construction: int = _spec(200, ge=1)     # hnsw: candidate list while building
+    ef_search: int = _spec(128, ge=1)           # hnsw: candidate list while searching
+
+
+@dataclass(frozen=True)
+class SearchModelParams:
+    image: SearchModel = "stage4"
+    text: SearchModel = "stage3"
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The gallery index (stage ``index``) and ``clipid search``."""
+
+    model: SearchModelParams = field(default_factory=SearchModelParams)
+    backend: Literal["exact", "faiss"] = "exact"
+    faiss: FaissParams = field(default_factory=FaissParams)
+    top_k: int = _spec(10, ge=1)
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     device: str = "auto"
     threads: int = _spec(0, ge=0)
@@ -180,7 +239,9 @@ class Params:
     stage4: StageParams = field(default_factory=lambda: StageParams(
         init="stage3", loss="none", id_weight=1.0, triplet_weight=1.0, center_weight=5e-4,
         sampler="pk"))
+    clipreid: ClipReidParams = field(default_factory=ClipReidParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    search: SearchParams = field(default_factory=SearchParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 

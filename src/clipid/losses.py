@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CenterLoss", "CrossEntropyLabelSmooth", "InfoNCELoss", "SupConLoss", "TripletLoss",
-           "gather_with_grad", "world_info"]
+__all__ = ["CenterLoss", "CrossEntropyLabelSmooth", "ImageToTextCrossEntropy", "InfoNCELoss",
+           "PromptContrastiveLoss", "SupConLoss", "TripletLoss", "gather_with_grad",
+           "world_info"]
 
 
 def world_info() -> tuple[int, int]:
@@ -116,6 +117,35 @@ class SupConLoss(nn.Module):
         return (direction(image, all_text) + direction(text, all_image)) / 2
 
 
+class PromptContrastiveLoss(nn.Module):
+    """CLIP-ReID's prompt-learning loss: images against the prompts of the identities in the batch.
+
+    ``image`` is ``(N, D)``, ``text`` is ``(M, D)`` with one row per identity present in the batch
+    (both L2-normalised), ``labels[i]`` the row of image ``i``'s identity, ``scale`` the logit
+    scale. With ``S = scale * image @ text.T``:
+
+        i2t = mean_i  -log softmax_m(S[i, :])[labels[i]]
+        t2i = mean_m  -1/|P(m)| * sum_{i in P(m)} log softmax_i(S[:, m])[i]
+
+    where ``P(m) = {i : labels[i] = m}`` are the images of prompt ``m``.
+
+    Returns ``(i2t, t2i)``; the stage minimises their sum. Each prompt is encoded once per batch,
+    however many of its images the batch holds (the text tower is the costly part). Prompts with
+    no image in the batch (``P(m)`` empty) are left out of ``t2i``.
+    """
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
+                scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = scale * image @ text.T
+        i2t = F.cross_entropy(logits, labels)
+        positives = labels[:, None] == torch.arange(len(text), device=labels.device)[None, :]
+        per_prompt = positives.sum(0)
+        log_prob = F.log_softmax(logits, dim=0).masked_fill(~positives, 0.0)
+        present = per_prompt > 0
+        t2i = (-log_prob.sum(0)[present] / per_prompt[present]).mean()
+        return i2t, t2i
+
+
 class CrossEntropyLabelSmooth(nn.Module):
     """Cross-entropy against ``(1 - eps) * one_hot + eps / num_classes`` (Szegedy et al., 2016):
     the identity classifier stays calibrated instead of memorising the training identities."""
@@ -130,6 +160,21 @@ class CrossEntropyLabelSmooth(nn.Module):
         target.scatter_add_(1, labels[:, None],
                             torch.full_like(log_prob[:, :1], 1.0 - self.epsilon))
         return -(target * log_prob).sum(1).mean()
+
+
+class ImageToTextCrossEntropy(nn.Module):
+    """CLIP-ReID's image-stage term: fixed per-identity text features are the weights of a
+    classifier, ``logits = scale * normalize(feats) @ text.T``, under label-smoothed
+    cross-entropy (:class:`CrossEntropyLabelSmooth`). ``text`` ``(identities, D)`` is
+    L2-normalised and never trained; row ``y`` belongs to label ``y``."""
+
+    def __init__(self, num_classes: int, epsilon: float = 0.1):
+        super().__init__()
+        self.cross_entropy = CrossEntropyLabelSmooth(num_classes, epsilon)
+
+    def forward(self, feats: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
+                scale: torch.Tensor | float) -> torch.Tensor:
+        return self.cross_entropy(scale * F.normalize(feats, dim=-1) @ text.T, labels)
 
 
 class TripletLoss(nn.Module):

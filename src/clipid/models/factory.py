@@ -111,7 +111,12 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Cl
     """A model saved by clipid: the architecture from the sidecar, the weights from safetensors."""
     state, meta = load_checkpoint(checkpoint)
     name = meta["architecture"]
-    model = open_clip.create_model(name, pretrained=None, device=device)
+    # open_clip warns "initialized randomly" here; the checkpoint's weights follow at once.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device)
+    finally:
+        logging.disable(logging.NOTSET)
     clip_state = {k: v for k, v in state.items() if not k.startswith("heads.")}
     model.load_state_dict(clip_state, strict=True)
     model.eval()

@@ -27,6 +27,8 @@ HIT, MISS = (40, 170, 60), (210, 40, 40)
 
 def describe_stage(params: Params, stage: str) -> str:
     """One line of what a stage does, built from its params (never out of date)."""
+    if stage == "clipreid":
+        return _describe_clipreid(params)
     spec = getattr(params, stage, None)
     if not isinstance(spec, StageParams):
         return "pretrained model, no training" if stage == "stage1" else stage
@@ -39,6 +41,17 @@ def describe_stage(params: Params, stage: str) -> str:
                                    ("center", spec.center_weight)) if w > 0]
     return f"{towers} tower{'s' if '+' in towers else ''}; {' + '.join(terms)}; " \
            f"{spec.sampler} sampler; from {spec.init}"
+
+
+def _describe_clipreid(params: Params) -> str:
+    cfg = params.clipreid
+    prompts = (f"{cfg.n_ctx} learnt tokens per identity" if cfg.prompts == "learned"
+               else f"fixed {cfg.fixed_source}")
+    terms = [name for name, w in (("i2t CE", cfg.i2t_weight), ("CE", cfg.id_weight),
+                                  ("triplet", cfg.triplet_weight), ("center", cfg.center_weight))
+             if w > 0]
+    return f"CLIP-ReID: prompts ({prompts}), then image tower; {' + '.join(terms)}; " \
+           f"pk sampler; from {cfg.init}"
 
 
 def _load_json(path: Path) -> Any:

@@ -1,4 +1,5 @@
-"""Stages ``train_stage2`` ... ``train_stage4``: one engine, one MLflow run per execution.
+"""Stages ``train_stage2`` ... ``train_stage4`` and ``clipreid_image`` (``clipid train clipreid``:
+the engine with CLIP-ReID's prompts as an extra loss term): one MLflow run per execution.
 
 With ``train.nproc`` above 1, ``clipid train`` starts itself again under torchrun
 (:func:`launch_command`); every process then trains its shard, and rank 0 alone writes the
@@ -18,6 +19,7 @@ from clipid.errors import ClipidError
 from clipid.runtime import distributed_env, is_main_process, setup_runtime, teardown_runtime
 from clipid.tracking import Tracker
 from clipid.training.engine import Trainer, TrainResult
+from clipid.training.prompts import IMAGE_STAGE, image_stage_spec, load_text_classifier
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,19 @@ log = logging.getLogger(__name__)
 def train_stage(params: Params, stage: str, prepared: Path = Path("data/prepared"),
                 models_dir: Path = Path("models")) -> TrainResult:
     device = setup_runtime(params.runtime)
+    clipreid = stage == IMAGE_STAGE  # CLIP-ReID's image stage: the engine plus its prompts
     try:
-        with Tracker(stage=f"train_{stage}", params=params, run_name=stage,
-                     enabled=is_main_process()) as tracker:
+        with Tracker(stage="clipreid_image" if clipreid else f"train_{stage}", params=params,
+                     run_name=stage, enabled=is_main_process()) as tracker:
+            extra: dict = {}
+            if clipreid:
+                classifier, metadata = load_text_classifier(params, device, prepared, models_dir)
+                extra = {"spec": image_stage_spec(params.clipreid),
+                         "text_classifier": classifier, "metadata": metadata}
             trainer = Trainer(params, stage, device=device, prepared=prepared,
                               models_dir=models_dir,
                               on_log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
-                              run_id=tracker.run_id)
+                              run_id=tracker.run_id, **extra)
             result = trainer.fit()
             tracker.log_metrics({"train_seconds": result.seconds})
             if params.mlflow.log_checkpoints:

@@ -33,6 +33,7 @@ from clipid.features import text_features
 from clipid.losses import (
     CenterLoss,
     CrossEntropyLabelSmooth,
+    ImageToTextCrossEntropy,
     InfoNCELoss,
     SupConLoss,
     TripletLoss,
@@ -49,7 +50,7 @@ from clipid.training.towers import set_trainable, tower_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "Trainer", "build_train_transform", "stage_params"]
+__all__ = ["TextClassifier", "TrainResult", "Trainer", "build_train_transform", "stage_params"]
 
 FINE_TUNING_STAGES = ("stage2", "stage3", "stage4")
 
@@ -90,6 +91,16 @@ class TrainDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         with Image.open(self.paths[i]) as im:
             return self.transform(im.convert("RGB")), self.labels[i], self.caption_index[i]
+
+
+@dataclass
+class TextClassifier:
+    """Fixed text features, one per training identity, as a classifier: the image-to-text
+    cross-entropy term of CLIP-ReID's image stage (``clipid.training.prompts`` builds them)."""
+
+    identities: list[str]        # training item ids, in the engine's label order (sorted)
+    features: torch.Tensor       # (identities, D), L2-normalised, never trained
+    weight: float                # weight of the term in the loss
 
 
 @dataclass
@@ -148,9 +159,15 @@ class Trainer:
                  prepared: Path = Path("data/prepared"), models_dir: Path = Path("models"),
                  resume_dir: Path | None = None,
                  on_log: Callable[[dict[str, float], int], None] | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, spec: StageParams | None = None,
+                 text_classifier: TextClassifier | None = None,
+                 metadata: dict[str, Any] | None = None):
         self.params, self.stage, self.device = params, stage, device
-        self.spec = stage_params(params, stage)
+        # A stage not described by a params section (clipreid) passes its spec, its extra
+        # loss term and extra sidecar entries.
+        self.spec = spec or stage_params(params, stage)
+        self.text_classifier = text_classifier
+        self.metadata = metadata or {}
         self.models_dir = models_dir
         self.out_path = models_dir / stage / "model.safetensors"
         self.resume_dir = resume_dir or Path(".clipid") / "resume" / stage
@@ -166,7 +183,8 @@ class Trainer:
         spec = self.spec
         if not (spec.train_image or spec.train_text):
             raise ClipidError(f"{self.stage}: train_image and train_text are both false")
-        if spec.loss == "none" and spec.id_weight == spec.triplet_weight == 0:
+        i2t = self.text_classifier is not None and self.text_classifier.weight > 0
+        if spec.loss == "none" and spec.id_weight == spec.triplet_weight == 0 and not i2t:
             raise ClipidError(f"{self.stage}: no loss term (loss is none and id_weight, "
                               "triplet_weight are 0)")
         if spec.train_text and spec.loss == "none":
@@ -196,6 +214,10 @@ class Trainer:
         if texts.is_file():
             digest.update(_file_digest(texts).encode())
         digest.update(str(self.world_size).encode())
+        if self.text_classifier is not None:
+            digest.update(self.text_classifier.features.cpu().numpy().tobytes())
+            digest.update(json.dumps([self.text_classifier.identities,
+                                      self.text_classifier.weight]).encode())
         return digest.hexdigest()
 
     def make_loader(self, dataset: Dataset, sampler: Any, batch_size: int) -> Any:
@@ -259,6 +281,9 @@ class Trainer:
         elif contrastive:
             tokens = clip.tokenizer(unique_captions)
 
+        # Seeded: torch's global generator starts from a random seed in every process, and a
+        # stage that loads a checkpoint has not seeded it (create_model does for pretrained).
+        torch.manual_seed(train_cfg.seed)
         head = BNNeckClassifier(embed_dim, len(identities)).to(device) \
             if spec.id_weight > 0 else None
         center = CenterLoss(len(identities), embed_dim).to(device) \
@@ -268,6 +293,13 @@ class Trainer:
         id_loss = CrossEntropyLabelSmooth(len(identities), train_cfg.label_smoothing) \
             if head is not None else None
         triplet = TripletLoss(train_cfg.triplet_margin) if spec.triplet_weight > 0 else None
+        text_classifier = None
+        if self.text_classifier is not None and self.text_classifier.weight > 0:
+            if self.text_classifier.identities != [str(i) for i in identities]:
+                raise ClipidError(f"{self.stage}: the text classifier's identities are not the "
+                                  f"training identities of {self.data.root / 'manifest.csv'}")
+            text_classifier = self.text_classifier.features.to(device)
+            i2t_loss = ImageToTextCrossEntropy(len(identities), train_cfg.label_smoothing)
 
         lr = train_cfg.lr * spec.lr_mult
         groups = param_groups(tower_parameters(model, "image"), lr, train_cfg.weight_decay,
@@ -376,6 +408,9 @@ class Trainer:
                         F.normalize(feats, dim=-1), batch_labels)
                 if center is not None:
                     terms["center"] = spec.center_weight * center(feats, batch_labels)
+                if text_classifier is not None:
+                    terms["i2t"] = self.text_classifier.weight * i2t_loss(
+                        feats, text_classifier, batch_labels, scale.detach())
                 loss = sum(terms.values())
 
                 optimizer.zero_grad(set_to_none=True)
@@ -440,7 +475,7 @@ class Trainer:
                     "parent_sha256": parent_digest if parent_digest != parent else None,
                     "identities": len(identities), "epochs": epochs,
                     "train_seconds": round(seconds, 1), "run_id": self.run_id,
-                    "history": history, "params": flatten_params(params)}
+                    "history": history, "params": flatten_params(params), **self.metadata}
             save_checkpoint(weights, checkpoint, meta)
             shutil.rmtree(self.resume_dir, ignore_errors=True)
         if self.world_size > 1:

@@ -1,0 +1,128 @@
+"""``clipid search``: embed one query (an image file or a text) with a stage's model and rank
+the gallery index built for that model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipid.config import Params
+from clipid.data.dataset import PreparedData
+from clipid.data.images import ImageRejected, load_rgb
+from clipid.errors import ClipidError
+from clipid.models.factory import ClipModel
+from clipid.search.gallery import GalleryIndex, Hit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchResult", "has_text_tower", "embed_image", "embed_text", "search",
+           "index_dir"]
+
+
+@dataclass
+class SearchResult:
+    kind: str                  # "image" or "text"
+    query: str                 # the image path or the text
+    model: str                 # the stage whose model ranked the gallery
+    backend: str
+    hits: list[Hit] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"query": {self.kind: self.query}, "model": self.model, "backend": self.backend,
+                "results": [vars(h) for h in self.hits]}
+
+
+def index_dir(model: str, models_dir: Path = Path("models")) -> Path:
+    return models_dir / "index" / model
+
+
+def has_text_tower(model: torch.nn.Module) -> bool:
+    """open_clip CLIPs keep the text tower as ``transformer`` (CLIP) or ``text`` (CustomTextCLIP);
+    an image-only encoder has ``encode_image`` and nothing else."""
+    return callable(getattr(model, "encode_text", None)) and (
+        hasattr(model, "transformer") or hasattr(model, "text"))
+
+
+@torch.inference_mode()
+def embed_image(clip: ClipModel, path: Path, flip: bool = False,
+                device: torch.device | str = "cpu") -> np.ndarray:
+    """The ``(1, D)`` unit embedding of the image at ``path`` (decoded like the gallery was)."""
+    try:
+        image = load_rgb(Path(path))
+    except ImageRejected as exc:
+        raise ClipidError(f"--image {path}: {exc}") from None
+    batch = clip.preprocess_val(image).unsqueeze(0).to(device)
+    clip.model.eval()
+    feats = clip.model.encode_image(batch).float()
+    if flip:  # the gallery was embedded with its mirror images averaged in: do the same
+        feats = feats + clip.model.encode_image(torch.flip(batch, dims=[3])).float()
+    return F.normalize(feats, dim=-1).cpu().numpy()
+
+
+@torch.inference_mode()
+def embed_text(clip: ClipModel, text: str, model_name: str,
+               device: torch.device | str = "cpu") -> np.ndarray:
+    """The ``(1, D)`` unit embedding of ``text``."""
+    if not text.strip():
+        raise ClipidError("--text: the query text is empty")
+    if not has_text_tower(clip.model):
+        raise ClipidError(f"--text: the {model_name} model ({clip.architecture}) has no text "
+                          "tower; choose a CLIP model with --model or search.model.text")
+    clip.model.eval()
+    feats = clip.model.encode_text(clip.tokenizer([text.strip()]).to(device)).float()
+    return F.normalize(feats, dim=-1).cpu().numpy()
+
+
+def load_gallery(params: Params, clip: ClipModel, model: str, device: torch.device,
+                 models_dir: Path = Path("models"),
+                 prepared: Path = Path("data/prepared")) -> GalleryIndex:
+    """The index the ``index`` stage built for ``model``; for a model it did not index, the
+    gallery is embedded now (and not kept)."""
+    directory = index_dir(model, models_dir)
+    if (directory / "index.json").is_file():
+        return GalleryIndex.load(directory)
+    log.warning("%s: no index for %s (search.model names the indexed models); embedding the "
+                "gallery now", directory, model)
+    return GalleryIndex.build(clip, model, PreparedData.load(prepared, with_texts=False),
+                              params.eval, params.search.backend, params.search.faiss,
+                              device=device, seed=params.train.seed)
+
+
+def search(params: Params, *, image: Path | None = None, text: str | None = None,
+           model: str | None = None, top_k: int | None = None, device: torch.device | str = "cpu",
+           models_dir: Path = Path("models"),
+           prepared: Path = Path("data/prepared")) -> SearchResult:
+    """Rank the gallery for one image or one text query."""
+    from clipid.stages.evaluate import model_for_stage
+
+    if (image is None) == (text is None):
+        raise ClipidError("give exactly one of --image PATH or --text TEXT")
+    kind = "image" if image is not None else "text"
+    model = model or getattr(params.search.model, kind)
+    top_k = params.search.top_k if top_k is None else top_k
+    if top_k < 1:
+        raise ClipidError(f"--top-k: {top_k} is not a positive number")
+    device = torch.device(device)
+    # Check the query before loading anything heavy: a typo costs nothing.
+    if image is not None and not Path(image).is_file():
+        raise ClipidError(f"--image {image}: no such file")
+    if text is not None and not text.strip():
+        raise ClipidError("--text: the query text is empty")
+    clip = model_for_stage(params, model, device, models_dir)
+    if kind == "image":
+        gallery = load_gallery(params, clip, model, device, models_dir, prepared)
+        query = embed_image(clip, Path(image), flip=bool(gallery.info.get("flip")), device=device)
+    else:
+        query = embed_text(clip, text, model, device=device)
+        gallery = load_gallery(params, clip, model, device, models_dir, prepared)
+    if gallery.info.get("weights") not in (None, clip.weights):
+        log.warning("the %s index was built from %s, the model now is %s: rerun 'index'",
+                    model, gallery.info["weights"], clip.weights)
+    hits = gallery.search(query, top_k)[0]
+    return SearchResult(kind, str(image) if image is not None else text, model,
+                        gallery.info["backend"], hits)

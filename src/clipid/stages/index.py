@@ -1,0 +1,73 @@
+"""Stage ``index``: embed the gallery with each model that ``search.model`` names (the image
+model and the text model) into ``models/index/<model>/`` for ``clipid search``.
+
+``metrics/index.json`` records per model the gallery size, the build time and, for the faiss
+backend, recall@10 of the approximate index against exact search on the gallery itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clipid.config import Params
+from clipid.data.dataset import PreparedData
+from clipid.runtime import setup_runtime
+from clipid.search.gallery import GalleryIndex
+from clipid.search.index import ExactIndex, FaissIndex
+from clipid.search.query import index_dir
+from clipid.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["index_stage", "recall_against_exact"]
+
+
+def recall_against_exact(index: FaissIndex, vectors: np.ndarray, k: int = 10,
+                         queries: int = 1000, seed: int = 0) -> float:
+    """Share of the exact top ``k`` that ``index`` returns, over up to ``queries`` gallery
+    vectors used as queries."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(vectors), min(queries, len(vectors)), replace=False)
+    k = min(k, len(vectors))
+    _, truth = ExactIndex(vectors).search(vectors[picks], k)
+    _, found = index.search(vectors[picks], k)
+    hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
+    return hits / truth.size
+
+
+def index_stage(params: Params, prepared: Path = Path("data/prepared"),
+                models_dir: Path = Path("models"),
+                metrics_path: Path = Path("metrics/index.json")) -> dict[str, dict]:
+    from clipid.stages.evaluate import model_for_stage
+
+    device = setup_runtime(params.runtime)
+    data = PreparedData.load(prepared, with_texts=False)
+    models = dict.fromkeys([params.search.model.image, params.search.model.text])
+    summary: dict[str, dict] = {}
+    for model in models:
+        clip = model_for_stage(params, model, device, models_dir)
+        start = time.perf_counter()
+        gallery = GalleryIndex.build(clip, model, data, params.eval, params.search.backend,
+                                     params.search.faiss, device=device, seed=params.train.seed)
+        gallery.save(index_dir(model, models_dir))
+        entry = {"images": len(gallery.table), "dim": gallery.info["dim"],
+                 "backend": params.search.backend,
+                 "build_seconds": round(time.perf_counter() - start, 2)}
+        if isinstance(gallery.index, FaissIndex):
+            entry["recall_at_10"] = round(recall_against_exact(
+                gallery.index, gallery.embeddings, seed=params.train.seed), 4)
+        summary[model] = entry
+        log.info("index %s: %s", model, entry)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
+                            encoding="utf-8")
+    with Tracker(stage="index", params=params, run_name="index") as tracker:
+        tracker.log_metrics({f"index/{m}/{k}": float(v) for m, e in summary.items()
+                             for k, v in e.items() if isinstance(v, (int, float))})
+        tracker.log_artifact(metrics_path, "index")
+    return summary
