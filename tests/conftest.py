@@ -20,6 +20,18 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 VENV_BIN = Path(sys.executable).parent
 
 
+def prepare_data(params, out: Path) -> Path:
+    """``prepare`` then ``clean_captions`` of ``params`` into ``out/data``: the prepared data set
+    that training and evaluation tests read."""
+    from clipid.stages.clean_captions import clean_captions
+    from clipid.stages.prepare import prepare
+
+    prepare(params, out / "data", out / "data.json")
+    clean_captions(params, out / "data" / "manifest.csv", out / "data" / "image_texts.json",
+                   out / "captions.json")
+    return out / "data"
+
+
 def draw(path: Path, seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Path:
     """A small random image, saved in ``mode`` by suffix."""
     rng = np.random.default_rng(seed)

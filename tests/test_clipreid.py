@@ -17,8 +17,6 @@ from clipid.errors import ClipidError
 from clipid.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
 from clipid.models.checkpoint import load_checkpoint, save_checkpoint
 from clipid.models.factory import create_model
-from clipid.stages.clean_captions import clean_captions
-from clipid.stages.prepare import prepare
 from clipid.stages.report import describe_stage
 from clipid.training.engine import Trainer
 from clipid.training.prompts import (
@@ -30,6 +28,8 @@ from clipid.training.prompts import (
     prompts_path,
 )
 from clipid.training.towers import tower_of
+
+from conftest import prepare_data
 
 CPU = torch.device("cpu")
 
@@ -50,10 +50,7 @@ def micro_params(**sections: dict) -> Params:
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     params = micro_params()
-    prepare(params, out / "data", out / "data.json")
-    clean_captions(params, out / "data" / "manifest.csv", out / "data" / "image_texts.json",
-                   out / "captions.json")
-    return out / "data"
+    return prepare_data(params, out)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from clipid.data.dataset import PreparedData
 from clipid.features import image_features
 from clipid.models.checkpoint import load_checkpoint
 from clipid.models.factory import create_model
-from clipid.stages.clean_captions import clean_captions
-from clipid.stages.prepare import prepare
 from clipid.training.engine import Trainer
+
+from conftest import prepare_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,10 +36,7 @@ def micro(**train: object) -> dict:
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cuda")
     params = params_from_dict(micro())
-    prepare(params, out / "data", out / "data.json")
-    clean_captions(params, out / "data" / "manifest.csv", out / "data" / "image_texts.json",
-                   out / "captions.json")
-    return out / "data"
+    return prepare_data(params, out)
 
 
 @pytest.mark.parametrize("options", [

@@ -23,10 +23,10 @@ import yaml
 from clipid.config import Params, params_from_dict
 from clipid.errors import ClipidError
 from clipid.runtime import autocast, grad_scaler, resolve_precision
-from clipid.stages.clean_captions import clean_captions
-from clipid.stages.prepare import prepare
 from clipid.stages.train import launch_command, needs_launch
 from clipid.training.engine import Trainer
+
+from conftest import prepare_data
 
 WORLD = 2
 CPU = torch.device("cpu")
@@ -49,10 +49,7 @@ def ddp_params(**overrides: dict) -> dict:
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     params = params_from_dict(ddp_params())
-    prepare(params, out / "data", out / "data.json")
-    clean_captions(params, out / "data" / "manifest.csv", out / "data" / "image_texts.json",
-                   out / "captions.json")
-    return out / "data"
+    return prepare_data(params, out)
 
 
 def _train(params: Params, stage: str, prepared: Path, models: Path) -> dict[str, torch.Tensor]:

@@ -11,10 +11,10 @@ from clipid.config import Params, params_from_dict
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import load_checkpoint
 from clipid.models.factory import create_model, load_model
-from clipid.stages.clean_captions import clean_captions
-from clipid.stages.prepare import prepare
 from clipid.training.engine import Trainer
 from clipid.training.towers import tower_of
+
+from conftest import prepare_data
 
 CPU = torch.device("cpu")
 
@@ -33,10 +33,7 @@ def micro_params(**stages: dict) -> Params:
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     params = micro_params()
-    prepare(params, out / "data", out / "data.json")
-    clean_captions(params, out / "data" / "manifest.csv", out / "data" / "image_texts.json",
-                   out / "captions.json")
-    return out / "data"
+    return prepare_data(params, out)
 
 
 def fit(params: Params, stage: str, prepared: Path, models: Path, **kwargs) -> Path:

@@ -7,6 +7,7 @@ and the tracking run that produced them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,11 +18,20 @@ from safetensors.torch import load_file, save_file
 
 from clipid.errors import ClipidError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "sidecar_path"]
+__all__ = ["CheckpointError", "file_sha256", "save_checkpoint", "load_checkpoint", "sidecar_path"]
 
 
 class CheckpointError(ClipidError):
     """A checkpoint that is missing or incomplete."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sidecar_path(weights: str | Path) -> Path:

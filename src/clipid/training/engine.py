@@ -39,7 +39,7 @@ from clipid.losses import (
     TripletLoss,
     world_info,
 )
-from clipid.models.checkpoint import save_checkpoint
+from clipid.models.checkpoint import file_sha256, save_checkpoint
 from clipid.models.factory import ClipModel, create_model, load_model
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.samplers import PKSampler, ShardedRandomSampler
@@ -109,14 +109,6 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch mean losses
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _average_gradients(parameters: list[nn.Parameter]) -> None:
@@ -209,10 +201,10 @@ class Trainer:
                                  default=str).encode())
         digest.update(self.stage.encode())
         digest.update(parent.encode())
-        digest.update(_file_digest(self.data.root / "manifest.csv").encode())
+        digest.update(file_sha256(self.data.root / "manifest.csv").encode())
         texts = self.data.root / "image_texts.json"
         if texts.is_file():
-            digest.update(_file_digest(texts).encode())
+            digest.update(file_sha256(texts).encode())
         digest.update(str(self.world_size).encode())
         if self.text_classifier is not None:
             digest.update(self.text_classifier.features.cpu().numpy().tobytes())
@@ -253,7 +245,7 @@ class Trainer:
         clip = self._initial_model()
         model = clip.model
         parent = clip.weights
-        parent_digest = (_file_digest(Path(parent)) if Path(parent).is_file() else parent)
+        parent_digest = (file_sha256(Path(parent)) if Path(parent).is_file() else parent)
 
         rows = self.data.rows("train")
         if rows.empty:

@@ -14,7 +14,6 @@ the identity's cleaned captions instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -35,7 +34,7 @@ from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.features import image_features, text_features
 from clipid.losses import PromptContrastiveLoss
-from clipid.models.checkpoint import load_checkpoint, save_checkpoint
+from clipid.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from clipid.models.factory import ClipModel, create_model, load_model
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.training.engine import TextClassifier
@@ -95,19 +94,11 @@ def init_model(params: Params, device: torch.device, models_dir: Path = Path("mo
                               "stages in dvc.yaml)")
         clip = load_model(path, device=device)
         ident = {"init": init, "architecture": clip.architecture, "weights": str(path),
-                 "sha256": _file_digest(path)}
+                 "sha256": file_sha256(path)}
     if not hasattr(clip.model, "token_embedding"):
         raise ClipidError(f"model.name: {clip.architecture} has a custom text tower; CLIP-ReID "
                           "prompts need an open_clip CLIP model with its own token embedding")
     return clip, ident
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor
@@ -347,7 +338,7 @@ def load_text_classifier(params: Params, device: torch.device,
         raise ClipidError(f"{path}: no learnt prompts ('ctx'); rerun `clipid clipreid-prompts`")
     # A plain tensor (text_features returns inference-mode ones): autograd may save it.
     features = identity_text_features(params, clip, data, identities, ctx, device).clone()
-    extra = {"prompts": {"checkpoint": str(path), "sha256": _file_digest(path),
+    extra = {"prompts": {"checkpoint": str(path), "sha256": file_sha256(path),
                          "mode": params.clipreid.prompts,
                          "fixed_source": params.clipreid.fixed_source
                          if params.clipreid.prompts == "fixed" else None}}
