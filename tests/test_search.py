@@ -14,6 +14,7 @@ from PIL import Image
 from clipid import cli
 from clipid.config import FaissParams, Params, params_from_dict
 from clipid.errors import ClipidError
+from clipid.models.checkpoint import save_checkpoint
 from clipid.models.factory import create_model
 from clipid.search.gallery import GalleryIndex, gallery_rows
 from clipid.search.index import ExactIndex, FaissIndex, build_index
@@ -225,6 +226,25 @@ def test_a_text_query_needs_a_text_tower():
     assert not has_text_tower(clip.model)
     with pytest.raises(ClipidError, match="stage4 model .* has no text tower"):
         embed_text(clip, "a shirt", "stage4")
+
+
+def test_an_index_of_a_retrained_model_is_reported_stale(workspace, tmp_path, monkeypatch,
+                                                         caplog):
+    monkeypatch.chdir(workspace)
+    models = tmp_path / "models"
+    clip = create_model("clipid-vit-tiny", "", seed=0)
+    checkpoint = models / "stage2" / "model.safetensors"
+    save_checkpoint(clip.model.state_dict(), checkpoint,
+                    {"architecture": "clipid-vit-tiny", "run_id": "first"})
+    params = params_from_dict({"search": {"model": {"image": "stage2", "text": "stage2"}}})
+    index_stage(params, Path("data/prepared"), models, tmp_path / "index.json")
+    search(params, text="a shirt", top_k=1, models_dir=models)
+    assert "stale" not in caplog.text
+    # Retrained: same architecture, a new sidecar (run id, losses, time).
+    save_checkpoint(clip.model.state_dict(), checkpoint,
+                    {"architecture": "clipid-vit-tiny", "run_id": "second"})
+    search(params, text="a shirt", top_k=1, models_dir=models)
+    assert "stage2 index was built from other stage2 weights" in caplog.text
 
 
 def test_a_model_without_an_index_is_embedded_on_the_fly(workspace, monkeypatch, caplog):

@@ -8,6 +8,7 @@ On disk (``models/index/<model>/``, written by the ``index`` stage):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from clipid.search.index import ExactIndex, FaissIndex, build_index, load_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GalleryIndex", "Hit", "gallery_rows"]
+__all__ = ["GalleryIndex", "Hit", "gallery_rows", "model_fingerprint"]
 
 FORMAT_VERSION = 1
 
@@ -39,6 +40,14 @@ class Hit:
     score: float
     item_id: str
     image: str       # path as the user can open it (prepared root joined)
+
+
+def model_fingerprint(clip: ClipModel) -> str:
+    """Identifies the weights behind an index: a retrained stage has a new sidecar (run id,
+    losses, time), a pretrained model its tag or file."""
+    text = json.dumps(clip.metadata, sort_keys=True, default=str) if clip.metadata \
+        else f"{clip.architecture}:{clip.weights}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def gallery_rows(data: PreparedData) -> pd.DataFrame:
@@ -71,7 +80,8 @@ class GalleryIndex:
             desc=f"index {model}").numpy().astype(np.float32)
         index = build_index(embeddings, backend, faiss_params, seed=seed)
         info = {"format": FORMAT_VERSION, "model": model, "architecture": clip.architecture,
-                "weights": clip.weights, "backend": backend, "images": len(table),
+                "weights": clip.weights, "model_fingerprint": model_fingerprint(clip),
+                "backend": backend, "images": len(table),
                 "dim": int(embeddings.shape[1]), "flip": eval_params.flip,
                 "prepared": str(data.root)}
         if backend == "faiss":

@@ -16,7 +16,7 @@ from clipid.data.dataset import PreparedData
 from clipid.data.images import ImageRejected, load_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
-from clipid.search.gallery import GalleryIndex, Hit
+from clipid.search.gallery import GalleryIndex, Hit, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ def search(params: Params, *, image: Path | None = None, text: str | None = None
     else:
         query = embed_text(clip, text, model, device=device)
         gallery = load_gallery(params, clip, model, device, models_dir, prepared)
-    if gallery.info.get("weights") not in (None, clip.weights):
-        log.warning("the %s index was built from %s, the model now is %s: rerun 'index'",
-                    model, gallery.info["weights"], clip.weights)
+    if gallery.info.get("model_fingerprint") != model_fingerprint(clip):
+        log.warning("the %s index was built from other %s weights (retrained since?): its "
+                    "results are stale until `dvc repro index`", model, model)
     hits = gallery.search(query, top_k)[0]
     return SearchResult(kind, str(image) if image is not None else text, model,
                         gallery.info["backend"], hits)
