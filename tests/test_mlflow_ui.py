@@ -158,6 +158,15 @@ class UI:
         data = shot.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, f"{shot}: not a PNG"
 
+    def link(self, route: str, text: str) -> Any:
+        """The visible link to the UI route ``route`` whose text is ``text``."""
+        return self.wait(
+            ec.visibility_of_element_located(
+                (By.XPATH, f"//a[{_is_fragment(route)} and normalize-space() = '{text}']")
+            ),
+            f"a link {text!r} to {route}",
+        )
+
     def wait(self, condition: Any, what: str) -> Any:
         # React re-renders replace elements under a running wait: look again, don't fail.
         waiting = WebDriverWait(
@@ -317,13 +326,7 @@ def _drawn_line(driver: Any) -> Any:
 def test_the_experiments_page_lists_clipid(ui: UI, store: Store) -> None:
     with ui.page("experiments"):
         ui.driver.get(f"{ui.url}/#/experiments")
-        route = f"/experiments/{store.experiment_id}"
-        link = ui.wait(
-            ec.visibility_of_element_located(
-                (By.XPATH, f"//a[{_is_fragment(route)} and normalize-space() = '{EXPERIMENT}']")
-            ),
-            f"a link {EXPERIMENT!r} to {route}",
-        )
+        link = ui.link(f"/experiments/{store.experiment_id}", EXPERIMENT)
         assert link.text.strip() == EXPERIMENT
 
 
@@ -333,13 +336,7 @@ def test_the_experiment_shows_its_runs(ui: UI, store: Store) -> None:
     with ui.page("runs"):
         ui.driver.get(f"{ui.url}/#/experiments/{store.experiment_id}/runs")
         for run_id, name in store.runs.items():
-            route = f"/experiments/{store.experiment_id}/runs/{run_id}"
-            link = ui.wait(
-                ec.visibility_of_element_located(
-                    (By.XPATH, f"//a[{_is_fragment(route)} and normalize-space() = '{name}']")
-                ),
-                f"run {name!r} ({run_id})",
-            )
+            link = ui.link(f"/experiments/{store.experiment_id}/runs/{run_id}", name)
             assert link.text.strip() == name
 
 

@@ -99,6 +99,23 @@ def test_a_run_holds_params_metrics_tags_and_artifacts(
     assert find_runs("train_stage3") == []
 
 
+@pytest.mark.parametrize("upload", [True, False])
+def test_a_checkpoint_is_uploaded_unless_switched_off(store: Path, upload: bool) -> None:
+    weights = store / "models" / "stage2" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    weights.with_suffix(".json").write_text("{}")
+    params = params_from_dict({"mlflow": {"log_checkpoints": upload}})
+    with Tracker(stage="train_stage2", params=params, run_name="stage2") as tracker:
+        tracker.log_checkpoint(weights, 3.5)
+        run_id = tracker.run_id
+    run = client(store).get_run(run_id)
+    assert run.data.metrics["train_seconds"] == 3.5
+    logged = sorted(a.path for a in client(store).list_artifacts(run_id, "checkpoint"))
+    assert logged == (["checkpoint/model.json", "checkpoint/model.safetensors"] if upload
+                      else ["checkpoint/model.json"])
+
+
 def test_the_git_commit_is_tagged(store: Path) -> None:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],

@@ -304,6 +304,14 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(lambda: self._client.log_artifact(self._run_id, str(path), artifact_path))
 
+    def log_checkpoint(self, checkpoint: Path, seconds: float) -> None:
+        """What a training stage made: its training time, the sidecar and, unless
+        ``mlflow.log_checkpoints`` is false, the weights."""
+        self.log_metrics({"train_seconds": seconds})
+        if self.params.mlflow.log_checkpoints:
+            self.log_artifact(checkpoint, "checkpoint")
+        self.log_artifact(checkpoint.with_suffix(".json"), "checkpoint")
+
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
         self._call(lambda: self._client.log_dict(self._run_id, dictionary, artifact_file))
 

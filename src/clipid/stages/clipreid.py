@@ -24,10 +24,7 @@ def prompts_stage(params: Params, prepared: Path = Path("data/prepared"),
                 params, device=device, prepared=prepared, models_dir=models_dir,
                 on_log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
                 run_id=tracker.run_id)
-            tracker.log_metrics({"train_seconds": result.seconds})
-            if params.mlflow.log_checkpoints:
-                tracker.log_artifact(result.checkpoint, "checkpoint")
-            tracker.log_artifact(result.checkpoint.with_suffix(".json"), "checkpoint")
+            tracker.log_checkpoint(result.checkpoint, result.seconds)
     finally:
         teardown_runtime()
     return result

@@ -41,10 +41,7 @@ def train_stage(params: Params, stage: str, prepared: Path = Path("data/prepared
                               on_log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
                               run_id=tracker.run_id, **extra)
             result = trainer.fit()
-            tracker.log_metrics({"train_seconds": result.seconds})
-            if params.mlflow.log_checkpoints:
-                tracker.log_artifact(result.checkpoint, "checkpoint")
-            tracker.log_artifact(result.checkpoint.with_suffix(".json"), "checkpoint")
+            tracker.log_checkpoint(result.checkpoint, result.seconds)
     finally:
         teardown_runtime()
     return result
