@@ -25,7 +25,7 @@ from clipid.errors import ClipidError
 from clipid.features import image_features
 from clipid.models.factory import ClipModel
 from clipid.runtime import resolve_precision
-from clipid.search.index import ExactIndex, FaissIndex, build_index, load_index
+from clipid.search.index import FaissIndex, SearchIndex, build_index, load_index
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class GalleryIndex:
     root: Path                     # the prepared data root the image paths are relative to
     table: pd.DataFrame            # image, item_id: one row per embedding
     embeddings: np.ndarray         # (N, D) float32 unit vectors
-    index: ExactIndex | FaissIndex
+    index: SearchIndex            # exact or faiss, by search.backend
     info: dict[str, Any]
 
     @classmethod

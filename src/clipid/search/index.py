@@ -143,7 +143,7 @@ class FaissIndex:
 
 
 def build_index(vectors: np.ndarray, backend: str, faiss_params: FaissParams | None = None,
-                seed: int = 0) -> ExactIndex | FaissIndex:
+                seed: int = 0) -> SearchIndex:
     if backend == "exact":
         return ExactIndex(vectors)
     if backend == "faiss":
@@ -152,7 +152,7 @@ def build_index(vectors: np.ndarray, backend: str, faiss_params: FaissParams | N
 
 
 def load_index(vectors: np.ndarray, backend: str, path: Path,
-               faiss_params: FaissParams | None = None) -> ExactIndex | FaissIndex:
+               faiss_params: FaissParams | None = None) -> SearchIndex:
     """The backend a gallery index was built with, over its stored ``vectors``."""
     if backend == "faiss":
         return FaissIndex.load(path, faiss_params or FaissParams())
