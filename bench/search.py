@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 
 from clipid.config import FaissParams
-from clipid.search.index import ExactIndex, FaissIndex
+from clipid.search.index import ExactIndex, FaissIndex, neighbour_recall
 
 from _report import machine, write_section
 
@@ -50,10 +50,6 @@ def latencies(index, queries: np.ndarray, k: int = 10) -> tuple[float, float]:
         times.append(time.perf_counter() - start)
     p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
     return float(p50), float(p99)
-
-
-def recall(truth: np.ndarray, found: np.ndarray) -> float:
-    return sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True)) / truth.size
 
 
 def main() -> int:
@@ -106,7 +102,7 @@ def main() -> int:
         label = " (default)" if nprobe == defaults.nprobe else ""
         rows.append(f"| faiss IVF-Flat, nlist {ivf.index.nlist} | {nprobe}{label} | "
                     f"{build_s:.0f} | {index_mb:,.0f} | {p50:.2f} | {p99:.2f} | {qps:,.0f} | "
-                    f"{recall(truth, found):.3f} | {r1:.3f} |")
+                    f"{neighbour_recall(truth, found):.3f} | {r1:.3f} |")
         print(rows[-1], flush=True)
 
     body = "\n".join([

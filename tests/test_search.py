@@ -13,14 +13,15 @@ from PIL import Image
 
 from clipid import cli
 from clipid.config import FaissParams, Params, params_from_dict
+from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import save_checkpoint
 from clipid.models.factory import create_model
 from clipid.search.gallery import GalleryIndex, gallery_rows
-from clipid.search.index import ExactIndex, FaissIndex, build_index
+from clipid.search.index import ExactIndex, FaissIndex, build_index, recall_against_exact
 from clipid.search.query import embed_text, has_text_tower, index_dir, search
 from clipid.stages.clean_captions import clean_captions
-from clipid.stages.index import index_stage, recall_against_exact
+from clipid.stages.index import index_stage
 from clipid.stages.prepare import prepare
 
 
@@ -91,12 +92,13 @@ def test_queries_of_the_wrong_width_are_refused():
 # ---------------------------------------------------------------------------------------------
 # the index stage and the search command, on a tiny prepared data set and random tiny CLIP
 
-def micro_params(**search: object) -> Params:
-    return params_from_dict({
-        "data": {"synthetic": {"items": 12, "views": 4, "image_size": 48}, "cache_size": 32,
-                 "workers": 0},
-        "search": {"model": {"image": "stage1", "text": "stage1"}, **search},
-    })
+MICRO = {"data": {"synthetic": {"items": 12, "views": 4, "image_size": 48}, "cache_size": 32,
+                  "workers": 0},
+         "search": {"model": {"image": "stage1", "text": "stage1"}}}
+
+
+def micro_params() -> Params:
+    return params_from_dict(MICRO)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,7 @@ def workspace(tmp_path_factory) -> Path:
     (the random tiny CLIP) as the search model."""
     root = tmp_path_factory.mktemp("search")
     params = micro_params()
+    (root / "params.yaml").write_text(json.dumps(MICRO))  # what `clipid search` reads
     prepared = root / "data" / "prepared"
     prepare(params, prepared, root / "metrics" / "data.json")
     clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
@@ -124,8 +127,6 @@ def test_the_index_stage_embeds_each_gallery_image_once(workspace):
     info = json.loads((directory / "index.json").read_text())
     table = (directory / "gallery.csv").read_text().splitlines()
     embeddings = np.load(directory / "embeddings.npy")
-    from clipid.data.dataset import PreparedData
-
     gallery = gallery_rows(PreparedData.load(workspace / "data" / "prepared", with_texts=False))
     assert info["images"] == len(gallery) == len(embeddings) == len(table) - 1
     assert info["backend"] == "exact" and info["model"] == "stage1"
@@ -149,8 +150,6 @@ def test_faiss_and_exact_galleries_rank_alike(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     exact = GalleryIndex.load(index_dir("stage1"))
     clip = create_model("clipid-vit-tiny", "", seed=0)
-    from clipid.data.dataset import PreparedData
-
     data = PreparedData.load(Path("data/prepared"), with_texts=False)
     params = micro_params()
     faiss = GalleryIndex.build(clip, "stage1", data, params.eval, "faiss",
@@ -170,10 +169,6 @@ def run_cli(*args: str) -> int:
 def test_search_command_prints_a_ranked_table_and_writes_the_grid(workspace, monkeypatch,
                                                                   capsys):
     monkeypatch.chdir(workspace)
-    (workspace / "params.yaml").write_text(json.dumps({
-        "data": {"synthetic": {"items": 12, "views": 4, "image_size": 48}, "cache_size": 32,
-                 "workers": 0},
-        "search": {"model": {"image": "stage1", "text": "stage1"}}}))
     assert run_cli("--text", "a red striped shirt", "--top-k", "4", "--grid", "out/grid.png") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "text query 'a red striped shirt', model stage1, exact index"
@@ -203,9 +198,6 @@ def test_bad_queries_get_a_clear_error(workspace, monkeypatch, capsys, args, mes
     monkeypatch.chdir(workspace)
     (workspace / "empty.png").write_bytes(b"")
     (workspace / "notes.png").write_text("not a picture")
-    (workspace / "params.yaml").write_text(json.dumps({
-        "data": {"synthetic": {"items": 12, "views": 4, "image_size": 48}, "cache_size": 32},
-        "search": {"model": {"image": "stage1", "text": "stage1"}}}))
     assert run_cli(*args) == 2
     assert message in capsys.readouterr().err
 

@@ -79,8 +79,7 @@ def _search(args: argparse.Namespace) -> None:
     device = setup_runtime(params.runtime)
     result = search(params, image=args.image, text=args.text, model=args.model,
                     top_k=args.top_k, device=device)
-    if args.grid is not None:
-        draw_results(result, args.grid)
+    draw_results(result, args.grid)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return
@@ -88,8 +87,7 @@ def _search(args: argparse.Namespace) -> None:
     print(f"{'rank':>4}  {'score':>6}  {'identity':<16}  image")
     for hit in result.hits:
         print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:<16}  {hit.image}")
-    if args.grid is not None:
-        print(f"grid: {args.grid}")
+    print(f"grid: {args.grid}")
 
 
 def _check_params(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from clipid.config import Params, flatten_params
+from clipid.models.checkpoint import sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ class Tracker:
         self.log_metrics({"train_seconds": seconds})
         if self.params.mlflow.log_checkpoints:
             self.log_artifact(checkpoint, "checkpoint")
-        self.log_artifact(checkpoint.with_suffix(".json"), "checkpoint")
+        self.log_artifact(sidecar_path(checkpoint), "checkpoint")
 
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
         self._call(lambda: self._client.log_dict(self._run_id, dictionary, artifact_file))

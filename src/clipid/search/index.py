@@ -19,7 +19,8 @@ from clipid.errors import ClipidError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExactIndex", "FaissIndex", "SearchIndex", "build_index", "load_index"]
+__all__ = ["ExactIndex", "FaissIndex", "SearchIndex", "build_index", "load_index",
+           "neighbour_recall", "recall_against_exact"]
 
 
 class SearchIndex(Protocol):
@@ -30,8 +31,6 @@ class SearchIndex(Protocol):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)``, both ``(Q, min(k, N))``, best first."""
         ...
-
-    def save(self, path: Path) -> None: ...
 
 
 def _as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -70,9 +69,6 @@ class ExactIndex:
         # Best first; equal scores in gallery order, so results are deterministic.
         order = np.lexsort((best_i, -best_s), axis=1)
         return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-
-    def save(self, path: Path) -> None:
-        """Nothing beyond the embeddings, which the gallery index stores anyway."""
 
 
 def _faiss():
@@ -140,6 +136,23 @@ class FaissIndex:
         if not path.is_file():
             raise ClipidError(f"{path}: faiss index not found; rerun the 'index' stage")
         return cls(_faiss().read_index(str(path)), params)
+
+
+def neighbour_recall(truth: np.ndarray, found: np.ndarray) -> float:
+    """Share of the true neighbours ``truth`` ``(Q, k)`` that ``found`` ``(Q, k)`` holds."""
+    return sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True)) / truth.size
+
+
+def recall_against_exact(index: SearchIndex, vectors: np.ndarray, k: int = 10,
+                         queries: int = 1000, seed: int = 0) -> float:
+    """Recall@``k`` of ``index`` against exact search, over up to ``queries`` of the indexed
+    ``vectors`` used as queries."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(vectors), min(queries, len(vectors)), replace=False)
+    k = min(k, len(vectors))
+    _, truth = ExactIndex(vectors).search(vectors[picks], k)
+    _, found = index.search(vectors[picks], k)
+    return neighbour_recall(truth, found)
 
 
 def build_index(vectors: np.ndarray, backend: str, faiss_params: FaissParams | None = None,

@@ -17,6 +17,7 @@ from clipid.data.images import ImageRejected, load_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
 from clipid.search.gallery import GalleryIndex, Hit, model_fingerprint
+from clipid.stages.evaluate import model_for_stage
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ def search(params: Params, *, image: Path | None = None, text: str | None = None
            models_dir: Path = Path("models"),
            prepared: Path = Path("data/prepared")) -> SearchResult:
     """Rank the gallery for one image or one text query."""
-    from clipid.stages.evaluate import model_for_stage
-
     if (image is None) == (text is None):
         raise ClipidError("give exactly one of --image PATH or --text TEXT")
     kind = "image" if image is not None else "text"

@@ -12,39 +12,23 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
 from clipid.runtime import setup_runtime
 from clipid.search.gallery import GalleryIndex
-from clipid.search.index import ExactIndex, FaissIndex
+from clipid.search.index import FaissIndex, recall_against_exact
 from clipid.search.query import index_dir
+from clipid.stages.evaluate import model_for_stage
 from clipid.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["index_stage", "recall_against_exact"]
-
-
-def recall_against_exact(index: FaissIndex, vectors: np.ndarray, k: int = 10,
-                         queries: int = 1000, seed: int = 0) -> float:
-    """Share of the exact top ``k`` that ``index`` returns, over up to ``queries`` gallery
-    vectors used as queries."""
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(vectors), min(queries, len(vectors)), replace=False)
-    k = min(k, len(vectors))
-    _, truth = ExactIndex(vectors).search(vectors[picks], k)
-    _, found = index.search(vectors[picks], k)
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
-    return hits / truth.size
+__all__ = ["index_stage"]
 
 
 def index_stage(params: Params, prepared: Path = Path("data/prepared"),
                 models_dir: Path = Path("models"),
                 metrics_path: Path = Path("metrics/index.json")) -> dict[str, dict]:
-    from clipid.stages.evaluate import model_for_stage
-
     device = setup_runtime(params.runtime)
     data = PreparedData.load(prepared, with_texts=False)
     models = dict.fromkeys([params.search.model.image, params.search.model.text])

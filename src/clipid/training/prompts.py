@@ -34,7 +34,7 @@ from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.features import image_features, text_features
 from clipid.losses import PromptContrastiveLoss
-from clipid.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from clipid.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint, sidecar_path
 from clipid.models.factory import ClipModel, create_model, load_model
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.training.engine import TextClassifier
@@ -279,7 +279,7 @@ def _check_prompts(meta: dict[str, Any], params: Params, init_ident: dict[str, A
         if key == "n_ctx" and cfg.prompts == "fixed":
             continue
         if meta.get(key) != value:
-            raise ClipidError(f"{path.with_suffix('.json')}: made with {key}={meta.get(key)!r} "
+            raise ClipidError(f"{sidecar_path(path)}: made with {key}={meta.get(key)!r} "
                               f"but params.yaml gives {value!r}; rerun `clipid clipreid-prompts`")
 
 
@@ -331,7 +331,7 @@ def load_text_classifier(params: Params, device: torch.device,
     data = PreparedData.load(prepared)
     _, identities = _identities(data)
     if meta.get("identities") != identities:
-        raise ClipidError(f"{path.with_suffix('.json')}: learnt for other training identities "
+        raise ClipidError(f"{sidecar_path(path)}: learnt for other training identities "
                           f"than {data.root / 'manifest.csv'}; rerun `clipid clipreid-prompts`")
     ctx = state.get("ctx") if params.clipreid.prompts == "learned" else None
     if params.clipreid.prompts == "learned" and ctx is None:
