@@ -125,6 +125,14 @@ def test_every_stage_checks_before_reading_data(tmp_path, capsys, monkeypatch, c
     assert not (tmp_path / "data").exists()
 
 
+def test_synthetic_data_that_cannot_be_drawn_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tmp_path, "data:\n  synthetic:\n    views: 2\n    query_views: 2\n",
+                    ("prepare",), capsys=capsys)
+    assert_error(code, err, "error: data.synthetic.query_views (2) must be below "
+                 "data.synthetic.views (2)")
+
+
 def test_multi_line_messages_are_printed_on_one_line(tmp_path, capsys, monkeypatch):
     def fail(args):
         raise ClipidError("could not get the weights\nOn a machine with internet, do this")
