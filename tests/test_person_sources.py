@@ -114,6 +114,7 @@ def test_market_order_on_disk_and_id_spelling_change_nothing(tmp_path, market_ro
 
 @pytest.mark.parametrize("name, message", [
     ("abc.jpg", "abc.jpg: the file name does not start with '<person>_c<camera>'"),
+    ("-2_c1s1_000451_03.jpg", "the file name does not start with '<person>_c<camera>'"),
     ("0002_c7s1_000451_03.jpg", "camera 7 is not in 1..6 of Market-1501"),
 ])
 def test_market_bad_file_name_is_named(market_root, name, message):

@@ -27,7 +27,7 @@ PERSON_SOURCES = {"market1501": ("Market-1501", 6), "dukemtmc": ("DukeMTMC-reID"
                   "msmt17": ("MSMT17", 15)}
 
 # The file-name pattern of torchreid and CLIP-ReID: person id (possibly -1), '_c', camera digit.
-_MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
+_MARKET_NAME = re.compile(r"([-\d]+)_c(\d)", re.ASCII)
 _MARKET_FOLDERS = (("bounding_box_train", "train"), ("query", "query"),
                    ("bounding_box_test", "gallery"))
 JUNK_IDENTITY = -1
@@ -52,13 +52,11 @@ def _camera(value: str, cameras: int, where: str, dataset: str) -> int:
 
 def _market_record(path: Path, root: Path, split: str, dataset: str, cameras: int) -> Record:
     match = _MARKET_NAME.match(path.name)
-    try:
-        pid = int(match.group(1)) if match else None
-    except ValueError:
-        pid = None
-    if match is None or pid is None:
+    if match is None or not re.fullmatch(r"-1|[0-9]+", match.group(1)):
         raise SourceError(f"{path}: the file name does not start with '<person>_c<camera>' "
-                          f"({dataset} names its images like 0002_c1s1_000451_03.jpg)")
+                          f"({dataset} names its images like 0002_c1s1_000451_03.jpg, junk "
+                          "boxes -1_c1s1_000401_03.jpg)")
+    pid = int(match.group(1))
     camera = _camera(match.group(2), cameras, str(path), dataset)
     relative = path.relative_to(root).as_posix()
     if pid == JUNK_IDENTITY:
@@ -98,10 +96,10 @@ def _msmt_line(line: str, where: str, cameras: int) -> tuple[str, int, int]:
     if len(fields) != 2:
         raise SourceError(f"{where}: expected 'path pid', got {line.strip()!r}")
     path, pid_text = fields
-    if not pid_text.isdigit():
+    if not re.fullmatch(r"[0-9]+", pid_text):
         raise SourceError(f"{where}: pid {pid_text!r} is not a non-negative integer")
     name_fields = Path(path).name.split("_")
-    if len(name_fields) < 3 or not name_fields[2].isdigit():
+    if len(name_fields) < 3 or not re.fullmatch(r"[0-9]+", name_fields[2]):
         raise SourceError(f"{where}: the camera (third '_' field of the file name) of {path!r} "
                           "is not a number")
     return path, int(pid_text), _camera(name_fields[2], cameras, where, "MSMT17")
