@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from clipid.errors import ClipidError
 from clipid.samplers import PKSampler, ShardedRandomSampler
 
 # 10 identities: identity i has i + 1 images (so identities 0..2 have fewer than k = 4).
@@ -59,7 +60,8 @@ def test_pk_shards_are_disjoint_whole_batches_of_equal_length():
 
 
 def test_pk_errors_are_clear():
-    with pytest.raises(ValueError, match="10 identities cannot fill"):
+    # A user's error (params against data): the CLI prints it in one line, no traceback.
+    with pytest.raises(ClipidError, match="10 identities cannot fill"):
         PKSampler(LABELS, p=6, k=2, world_size=2)
     with pytest.raises(ValueError, match="at least 1"):
         PKSampler(LABELS, p=0, k=2)

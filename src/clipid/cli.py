@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from clipid.checks import load_checked_params
 from clipid.config import load_params
 from clipid.errors import ClipidError
 
@@ -91,8 +92,7 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _check_params(args: argparse.Namespace) -> None:
-    load_params(args.params)
-    print(f"{args.params}: ok")
+    print(f"{args.params}: ok")  # main has checked the file, as before every command
 
 
 COMMANDS = {
@@ -146,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        # Every command checks the whole parameter file before it reads any data.
+        load_checked_params(args.params)
         args.func(args)
     except ClipidError as exc:
-        print(f"clipid {args.command}: error: {exc}", file=sys.stderr)
+        # One line, however the message was built: what is wrong and where.
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"clipid {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -39,6 +39,7 @@ __all__ = [
     "Params",
     "SyntheticParams",
     "load_params",
+    "param_lines",
     "params_from_dict",
     "flatten_params",
 ]
@@ -75,7 +76,8 @@ class Hands11kParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["synthetic", "inshop", "hands11k", "manifest"] = "synthetic"
+    source: Literal["synthetic", "inshop", "hands11k", "manifest", "market1501", "msmt17",
+                    "dukemtmc"] = "synthetic"
     root: str = ""
     seed: int = _spec(0, ge=0)
     cache_size: int = _spec(80, ge=16, le=2048)
@@ -297,6 +299,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     lines = _key_lines(root) if root is not None else {}
     return params_from_dict(raw or {}, source=str(path), lines=lines)
+
+
+def param_lines(path: str | Path) -> dict[str, int]:
+    """Dotted key -> line in the parameter file: checks beyond the types (``clipid.checks``)
+    name the line too."""
+    root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=_ParamsLoader)
+    return _key_lines(root) if root is not None else {}
 
 
 def params_from_dict(raw: dict[str, Any], *, source: str = "<params>",

@@ -11,7 +11,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["PKSampler", "ShardedRandomSampler"]
+from clipid.errors import ClipidError
+
+__all__ = ["PKSampler", "SamplerError", "ShardedRandomSampler"]
+
+
+class SamplerError(ClipidError, ValueError):
+    """A batch the training data cannot fill: the user changes the params or the data."""
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
@@ -70,9 +76,9 @@ class PKSampler(Sampler[int]):
         self.identities = sorted(self.by_identity)
         needed = p * world_size
         if len(self.identities) < needed:
-            raise ValueError(f"PKSampler: {len(self.identities)} identities cannot fill a batch "
-                             f"of p={p} identities on {world_size} process(es); lower "
-                             "train.batch_size or raise train.pk_k")
+            raise SamplerError(f"PKSampler: {len(self.identities)} identities cannot fill a batch "
+                               f"of p={p} identities on {world_size} process(es); lower "
+                               "train.batch_size or raise train.pk_k")
         self.p, self.k, self.seed = p, k, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

@@ -37,6 +37,7 @@ class Record:
     camera: int = -1       # -1: unknown, so no same-camera filtering in evaluation
     caption: str = ""      # raw caption as the source gives it
     attributes: str = ""   # known attributes in words: fills empty captions
+    excluded: str = ""     # why the data set's protocol leaves the image out ("": it is used)
 
 
 def read_source(params: DataParams, workdir: Path) -> tuple[Path, list[Record]]:
@@ -59,6 +60,12 @@ def read_source(params: DataParams, workdir: Path) -> tuple[Path, list[Record]]:
     if params.source == "hands11k":
         return root, read_hands11k(root, params.hands11k.aspect,
                                    params.hands11k.exclude_accessories, params.splits, params.seed)
+    if params.source in ("market1501", "dukemtmc", "msmt17"):
+        from clipid.data.person import read_market_layout, read_msmt17
+
+        if params.source == "msmt17":
+            return root, read_msmt17(root)
+        return root, read_market_layout(root, params.source)
     manifest = root if root.suffix == ".csv" else root / "manifest.csv"
     return manifest.parent, read_manifest(manifest)
 

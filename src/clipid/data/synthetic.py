@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
-from clipid.config import SyntheticParams
+from clipid.config import ConfigError, SyntheticParams
 
 __all__ = ["CATEGORIES", "COLOURS", "PATTERNS", "generate", "item_spec", "draw_view"]
 
@@ -262,13 +262,13 @@ def generate(out_dir: Path, params: SyntheticParams, seed: int, workers: int = 0
     ``query_views`` views are queries, the rest gallery; ``camera`` is the view index.
     """
     if params.query_views >= params.views:
-        raise ValueError(f"data.synthetic.query_views ({params.query_views}) must be below "
-                         f"data.synthetic.views ({params.views}): a test item needs a gallery "
-                         "image")
+        raise ConfigError(f"data.synthetic.query_views ({params.query_views}) must be below "
+                          f"data.synthetic.views ({params.views}): a test item needs a gallery "
+                          "image")
     n_test = min(params.items - 2, max(2, round(params.items * params.test_fraction)))
     if params.items - n_test < 2:
-        raise ValueError(f"data.synthetic.items ({params.items}) leaves fewer than 2 training "
-                         "identities")
+        raise ConfigError(f"data.synthetic.items ({params.items}) leaves fewer than 2 training "
+                          "identities")
     out_dir = Path(out_dir)
     images, manifest = out_dir / "images", out_dir / "manifest.csv"
     # Always redraw: nothing stale from an earlier, bigger data set, and no old manifest left

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import open_clip
 
+from clipid.config import ConfigError
+
 __all__ = ["MODEL_CONFIG_DIR", "get_model_config", "text_context_length"]
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -21,8 +23,8 @@ def get_model_config(name: str) -> dict:
     config = open_clip.get_model_config(name)
     if config is None:
         known = ", ".join(open_clip.list_models()[:12])
-        raise ValueError(f"model.name: unknown architecture '{name}' (known include: {known}, ...;"
-                         f" see open_clip.list_models())")
+        raise ConfigError(f"model.name: unknown architecture '{name}' (known include: {known}, "
+                          "...; see open_clip.list_models())")
     return config
 
 

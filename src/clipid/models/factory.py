@@ -4,7 +4,6 @@ weight file, or a clipid checkpoint."""
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,15 +13,15 @@ from typing import Any
 import open_clip
 import torch
 
+from clipid.checks import WEIGHT_SUFFIXES, looks_like_weight_file
 from clipid.errors import ClipidError
 from clipid.models import get_model_config
 from clipid.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipModel", "ModelLoadError", "create_model", "load_model", "WEIGHT_SUFFIXES"]
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+__all__ = ["ClipModel", "ModelLoadError", "create_model", "load_model", "looks_like_weight_file",
+           "WEIGHT_SUFFIXES"]
 
 
 class ModelLoadError(ClipidError):
@@ -57,10 +56,6 @@ def _transforms(model: torch.nn.Module) -> tuple[Callable, Callable]:
     return train, val
 
 
-def _looks_like_file(pretrained: str) -> bool:
-    return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
-
-
 def create_model(name: str, pretrained: str = "", seed: int = 0,
                  device: str | torch.device = "cpu") -> ClipModel:
     """Build ``name`` with weights from ``pretrained``.
@@ -76,7 +71,7 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
         torch.manual_seed(seed)
         model = open_clip.create_model(name, pretrained=None, device=device)
         weights = "random"
-    elif _looks_like_file(pretrained):
+    elif looks_like_weight_file(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"model.pretrained: weight file '{path}' not found")

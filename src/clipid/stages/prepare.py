@@ -4,8 +4,12 @@ Outputs:
 - ``data/prepared/images/``: every usable image, decoded, converted to RGB, EXIF-rotated and
   resized once so its shorter side is ``data.cache_size``;
 - ``data/prepared/manifest.csv``: one row per image and draw (``split_index``);
-- ``data/prepared/rejected.csv``: every input image that was not used, with the reason;
-- ``metrics/data.json``: image and identity counts per split, and the number rejected.
+- ``data/prepared/rejected.csv``: every input image that was not used, with the reason: unusable
+  files (counted as ``rejected``) and images the data set's protocol leaves out, such as
+  Market-1501's junk boxes (counted as ``excluded``, and not against
+  ``data.max_rejected_fraction``);
+- ``metrics/data.json``: image and identity counts per split, and the numbers rejected and
+  excluded.
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
         shutil.rmtree(out_dir)  # a rerun must not keep images of an earlier source
     out_dir.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="clipid-") as scratch:
-        root, records = read_source(data, Path(scratch))
+        root, listed = read_source(data, Path(scratch))
+        excluded = [rec for rec in listed if rec.excluded]
+        records = [rec for rec in listed if not rec.excluded]
         owner = _unique_images(records)
         jobs = [(src, cached_name(src, data.cache_format)) for src in owner]
         work = partial(_cache_one, root=root, out_dir=out_dir / "images", size=data.cache_size)
@@ -95,6 +101,8 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
     with (out_dir / "rejected.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["source_image", "item_id", "reason"])
+        for rec in excluded:
+            writer.writerow([rec.path, rec.item_id, rec.excluded])
         for src, reason in rejected.items():
             writer.writerow([src, owner[src], reason])
 
@@ -107,14 +115,15 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
         for rec in kept:
             row = asdict(rec)
             row["source_image"] = row.pop("path")
+            del row["excluded"]
             row["image"] = f"images/{target[rec.path]}"
             writer.writerow(row)
 
-    summary = _summarise(kept, len(rejected), data.source)
+    summary = _summarise(kept, len(rejected), len(excluded), data.source)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("prepared %d images (%d rejected) into %s", len(owner) - len(rejected),
-             len(rejected), out_dir)
+    log.info("prepared %d images (%d rejected, %d excluded) into %s",
+             len(owner) - len(rejected), len(rejected), len(excluded), out_dir)
     return summary
 
 
@@ -137,7 +146,7 @@ def _check_usable(owner: dict[str, str], rejected: dict[str, str], kept: list[Re
                            f"usable image: {shown}. See {rejected_file}.")
 
 
-def _summarise(kept: list[Record], n_rejected: int, source: str) -> dict:
+def _summarise(kept: list[Record], n_rejected: int, n_excluded: int, source: str) -> dict:
     draws = sorted({rec.split_index for rec in kept if rec.split != "train"}) or [0]
     summary: dict = {"source": source}
     for split in SPLITS:
@@ -148,4 +157,5 @@ def _summarise(kept: list[Record], n_rejected: int, source: str) -> dict:
         summary[split] = {"images": len(rows), "identities": len({r.item_id for r in rows})}
     summary["draws"] = len(draws)
     summary["rejected"] = n_rejected
+    summary["excluded"] = n_excluded
     return summary

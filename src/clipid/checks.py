@@ -1,0 +1,148 @@
+"""Checks of the parameters as a whole, run by ``clipid check-params`` and by every stage before it
+reads any data.
+
+:mod:`clipid.config` checks one key at a time (its type, its range, its allowed values); these
+checks look at what keys name and how they fit together: the stage an ``init`` starts from, the
+architecture, the weight file, batch sizes that the sampler and the processes can split. Each
+failure is a :class:`~clipid.config.ConfigError` naming the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from clipid.config import ConfigError, Params, StageParams, load_params, param_lines
+
+__all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params",
+           "load_checked_params", "looks_like_weight_file", "stage_inits"]
+
+PRETRAINED = "pretrained"  # the `init` of a stage that starts from model.name/model.pretrained
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# clipid's own architectures (clipid.models registers this folder with open_clip).
+CLIPID_MODEL_CONFIGS = Path(__file__).parent / "models" / "model_configs"
+
+
+class _Where:
+    """``params.yaml:12`` for a key written in the file, ``params.yaml`` for a default."""
+
+    def __init__(self, source: str, lines: dict[str, int]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.source}:{line}" if line else self.source
+
+
+def load_checked_params(path: str | Path = "params.yaml") -> Params:
+    """:func:`~clipid.config.load_params`, then :func:`check_params` with the file's lines."""
+    params = load_params(path)
+    check_params(params, str(path), param_lines(path))
+    return params
+
+
+def check_params(params: Params, source: str = "<params>",
+                 lines: dict[str, int] | None = None) -> None:
+    """Raise :class:`~clipid.config.ConfigError` on the first problem found."""
+    where = _Where(source, lines or {})
+    _check_inits(params, where)
+    _check_model(params, where)
+    _check_batches(params, where)
+
+
+def stage_inits(params: Params) -> dict[str, str]:
+    """Training stage -> the ``init`` it starts from: every stage section, and ``clipreid``
+    (whose image stage writes ``models/clipreid``, which a stage may start from)."""
+    inits = {f.name: getattr(params, f.name).init for f in dataclasses.fields(params)
+             if isinstance(getattr(params, f.name), StageParams)}
+    inits["clipreid"] = params.clipreid.init
+    return inits
+
+
+def _check_inits(params: Params, where: _Where) -> None:
+    inits = stage_inits(params)
+    for stage, init in inits.items():
+        if init != PRETRAINED and init not in inits:
+            hint = " (Stage 1 is the pretrained model: write 'pretrained')" if init == "stage1" \
+                else ""
+            raise ConfigError(f"{where(f'{stage}.init')}: '{stage}.init' is '{init}', which names "
+                              f"no stage{hint}; allowed: {PRETRAINED}, {', '.join(inits)}")
+    for start in inits:
+        chain = [start]
+        while inits[chain[-1]] != PRETRAINED:
+            nxt = inits[chain[-1]]
+            if nxt in chain:
+                cycle = chain[chain.index(nxt):]
+                steps = ", ".join(f"{s}.init is {inits[s]}" for s in cycle)
+                raise ConfigError(f"{where(f'{cycle[0]}.init')}: '{cycle[0]}.init' is in a cycle "
+                                  f"of inits ({steps}); one stage of it must start from "
+                                  f"'{PRETRAINED}' or from a stage outside it")
+            chain.append(nxt)
+
+
+def looks_like_weight_file(pretrained: str) -> bool:
+    """A path (suffix, separator or an existing file), not an open_clip tag like ``openai``."""
+    return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
+
+
+def architectures() -> list[str]:
+    """The names ``open_clip.list_models()`` gives once clipid's configs are registered, read
+    from the same JSON files without importing open_clip (and torch): checking params stays
+    instant. ``tests/test_check_params.py`` holds the two lists equal."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
+    names = set()
+    for config in (path for folder in [*folders, CLIPID_MODEL_CONFIGS]
+                   for path in folder.glob("*.json")):
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        if all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):  # as open_clip
+            names.add(config.stem)
+    return sorted(names)
+
+
+def _check_model(params: Params, where: _Where) -> None:
+    name, pretrained = params.model.name, params.model.pretrained
+    known = architectures()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            "; see open_clip.list_models() and src/clipid/models/model_configs/"
+        raise ConfigError(f"{where('model.name')}: 'model.name' is '{name}', which is neither an "
+                          f"open_clip nor a clipid architecture{hint}")
+    if not pretrained:
+        return
+    if looks_like_weight_file(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{where('model.pretrained')}: 'model.pretrained' is "
+                              f"'{pretrained}', a weight file that does not exist "
+                              f"({path.absolute()})")
+        return
+    import open_clip  # only for a tag: the stage that uses the tag imports it anyway
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(f"{where('model.pretrained')}: 'model.pretrained' is '{pretrained}', "
+                          f"neither a pretrained tag of {name} (tags: {', '.join(tags) or 'none'})"
+                          " nor a weight file (.safetensors, .pt, .pth, .bin or a path)")
+
+
+def _check_batches(params: Params, where: _Where) -> None:
+    train = params.train
+    batch, nproc, k = train.batch_size, train.nproc, train.pk_k
+    if batch % nproc:
+        raise ConfigError(f"{where('train.batch_size')}: 'train.batch_size' ({batch}) is not a "
+                          f"multiple of 'train.nproc' ({nproc}): each process trains on "
+                          "batch_size / nproc images")
+    # clipreid's image stage always draws P identities x K images.
+    pk_stages = [stage for stage in stage_inits(params)
+                 if stage == "clipreid" or getattr(params, stage).sampler == "pk"]
+    if (batch // nproc) % k:
+        per_process = f" / 'train.nproc' ({nproc})" if nproc > 1 else ""
+        raise ConfigError(f"{where('train.batch_size')}: 'train.batch_size' ({batch}){per_process}"
+                          f" is not a multiple of 'train.pk_k' ({k}), as the PK sampler of "
+                          f"{', '.join(pk_stages)} needs (P identities x K images per process)")
