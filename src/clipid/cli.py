@@ -14,6 +14,12 @@ from clipid.errors import ClipidError
 PREPARED = Path("data/prepared")
 
 
+def _fingerprint(args: argparse.Namespace) -> None:
+    from clipid.stages.fingerprint import fingerprint_stage
+
+    fingerprint_stage(load_params(args.params), Path("data/fingerprint.json"))
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from clipid.stages.prepare import prepare
 
@@ -96,6 +102,8 @@ def _check_params(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
+    "fingerprint": (_fingerprint, "list what prepare reads under data.root into "
+                    "data/fingerprint.json"),
     "prepare": (_prepare, "cache the data set's images and write data/prepared/manifest.csv"),
     "clean-captions": (_clean_captions, "clean raw captions into data/prepared/image_texts.json"),
     "zeroshot": (_zeroshot, "Stage 1: evaluate the pretrained model, no training"),
