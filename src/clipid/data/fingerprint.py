@@ -24,6 +24,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,17 +74,25 @@ def source_files(params: DataParams) -> tuple[Path, SourceFiles]:
     return root, files
 
 
-def _list_folder(folder: str, prefix: str, skip: frozenset[str], ancestors: tuple,
-                 out: list[tuple[str, int, int]]) -> int:
-    """Appends ``(root-relative path, size, mtime_ns)`` of every file under ``folder``; returns the
-    number of files. Symbolic links are followed, as ``prepare`` follows them, except back into a
-    folder being listed."""
+class _Listing:
+    """Lines ``path NUL size NUL mtime_ns`` in a fixed order (sorted names, folder by folder),
+    and the bytes of the files they list."""
+
+    def __init__(self, skip: frozenset[str]) -> None:
+        self.lines: list[str] = []
+        self.bytes = 0
+        self.skip = skip  # root-relative paths left out (the index files)
+
+
+def _list_folder(folder: str, prefix: str, ancestors: tuple, listing: _Listing) -> None:
+    """Lists every file under ``folder``. Symbolic links are followed, as ``prepare`` follows
+    them, except back into a folder being listed. Per file: one ``stat``, no other work."""
     try:
         with os.scandir(folder) as it:
-            entries = list(it)
+            entries = sorted(it, key=attrgetter("name"))
     except OSError as exc:
         raise SourceError(f"{folder}: cannot list: {exc.strerror}") from exc
-    count = 0
+    lines, total = listing.lines, 0
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -91,40 +100,36 @@ def _list_folder(folder: str, prefix: str, skip: frozenset[str], ancestors: tupl
         try:
             info = entry.stat()
         except OSError:  # a broken link: prepare rejects it as missing, the listing says so
-            out.append((rel, -1, -1))
-            count += 1
+            lines.append(f"{rel}\0-1\0-1")
             continue
         if stat.S_ISDIR(info.st_mode):
             key = (info.st_dev, info.st_ino)
             if key not in ancestors:
-                count += _list_folder(entry.path, rel + "/", skip, ancestors + (key,), out)
-        elif rel not in skip:
-            out.append((rel, info.st_size, info.st_mtime_ns))
-            count += 1
-    return count
+                _list_folder(entry.path, rel + "/", ancestors + (key,), listing)
+        elif rel not in listing.skip:
+            lines.append(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}")
+            total += info.st_size
+    listing.bytes += total
 
 
 def listing_digest(root: Path, folders: tuple[str, ...], skip: frozenset[str] = frozenset()
                    ) -> dict:
-    """Files, bytes and the sha256 of the sorted ``path, size, mtime`` listing of ``folders``
-    under ``root`` (``skip``: root-relative paths left out). Order on disk never matters."""
-    listing: list[tuple[str, int, int]] = []
+    """Files, bytes and the sha256 of the ``path, size, mtime`` listing of ``folders`` under
+    ``root`` (``skip``: root-relative paths left out). Order on disk never matters."""
+    listing = _Listing(skip)
     with tqdm(desc="fingerprint: listing images", unit="file", leave=False) as progress:
         for folder in sorted(set(folders)):
             path = root / folder
             if not path.is_dir():
                 continue  # a missing folder is as empty as an empty one for prepare
             prefix = "" if folder in ("", ".") else Path(folder).as_posix().rstrip("/") + "/"
-            top = path.stat()
-            progress.update(_list_folder(str(path), prefix, skip, ((top.st_dev, top.st_ino),),
-                                         listing))
-    listing.sort()
-    digest = hashlib.sha256()
-    for rel, size, mtime in listing:
-        # NUL never occurs in a file name: no two listings hash the same bytes.
-        digest.update(b"%s\0%d\0%d\n" % (os.fsencode(rel), size, mtime))
-    return {"files": len(listing), "bytes": sum(max(size, 0) for _, size, _ in listing),
-            "listing_sha256": digest.hexdigest()}
+            top, before = path.stat(), len(listing.lines)
+            _list_folder(str(path), prefix, ((top.st_dev, top.st_ino),), listing)
+            progress.update(len(listing.lines) - before)
+    # NUL never occurs in a file name, nor a newline in the numbers: one text, one listing.
+    text = "\n".join(listing.lines).encode("utf-8", "surrogateescape")
+    return {"files": len(listing.lines), "bytes": listing.bytes,
+            "listing_sha256": hashlib.sha256(text).hexdigest()}
 
 
 def _index_digests(root: Path, index: tuple[str, ...]) -> dict[str, str | None]:
