@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -18,29 +19,38 @@ from clipid.data import fingerprint as fp
 from clipid.data.fingerprint import SOURCE_FILES, fingerprint_json, source_files
 from clipid.data.sources import SourceError
 from clipid.stages.prepare import prepare
+from test_person_sources import duke_root, make_msmt, market_root, msmt_root  # noqa: F401
 
 from conftest import draw
 
-LAYOUTS = {"manifest": "manifest_root", "hands11k": "hands_root", "inshop": "inshop_root"}
+LAYOUTS = {"manifest": "manifest_root", "hands11k": "hands_root", "inshop": "inshop_root",
+           "market1501": "market_root", "dukemtmc": "duke_root", "msmt17": "msmt_root",
+           "msmt17 V2": "msmt_v2_root"}
 
 
 def data(source: str, root: Path | str, **more) -> DataParams:
     return params_from_dict({"data": {"source": source, "root": str(root), **more}}).data
 
 
+@pytest.fixture
+def msmt_v2_root(tmp_path: Path) -> Path:
+    return make_msmt(tmp_path / "MSMT17_V2", "mask_train_v2", "mask_test_v2")
+
+
 @pytest.fixture(params=sorted(LAYOUTS))
 def layout(request) -> tuple[str, Path]:
-    """(source, root) of each real layout in conftest."""
-    return request.param, request.getfixturevalue(LAYOUTS[request.param])
+    """(source, root) of each real layout of the tests (conftest, test_person_sources)."""
+    return request.param.split()[0], request.getfixturevalue(LAYOUTS[request.param])
 
 
 def test_synthetic_fingerprint_is_constant_and_walks_nothing(monkeypatch, tmp_path):
     def no_walk(*args):
         raise AssertionError("the synthetic source must not walk anything")
 
-    monkeypatch.setattr(os, "scandir", no_walk)
-    texts = {fingerprint_json(data("synthetic", "", seed=seed, synthetic={"items": items}))
-             for seed in (0, 3) for items in (12, 240)}
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", no_walk)
+        texts = {fingerprint_json(data("synthetic", "", seed=seed, synthetic={"items": items}))
+                 for seed in (0, 3) for items in (12, 240)}
     assert len(texts) == 1
     # The stage writes the same bytes on every run.
     monkeypatch.chdir(tmp_path)
@@ -50,6 +60,17 @@ def test_synthetic_fingerprint_is_constant_and_walks_nothing(monkeypatch, tmp_pa
         assert main(["fingerprint"]) == 0
         written.append((tmp_path / "data" / "fingerprint.json").read_bytes())
     assert written[0] == written[1] == texts.pop().encode()
+
+
+def test_the_stage_stays_instant_with_a_pretrained_tag(tmp_path):
+    # The whole-file checks import open_clip (and torch) for a tag: not on every repro.
+    (tmp_path / "params.yaml").write_text("model:\n  name: ViT-B-16\n  pretrained: openai\n")
+    code = ("import sys; from clipid.cli import main; assert main(['fingerprint']) == 0; "
+            "print(sorted({'open_clip', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert (tmp_path / "data" / "fingerprint.json").is_file()
 
 
 def test_unchanged_data_gives_the_same_bytes_without_absolute_paths(layout, tmp_path):
@@ -90,30 +111,39 @@ def _keep_mtime(path: Path, edit) -> None:
 
 
 def _changes(root: Path, source: str) -> dict:
-    """Edits under ``root`` that prepare would read differently."""
-    index = root / source_files(data(source, root))[1].index[0]
+    """Edits of a copy of ``root`` that prepare would read differently."""
     image = sorted(p for p in root.rglob("*") if p.suffix in (".jpg", ".png"))[0]
-    return {
-        "image added": lambda: draw(image.parent / "new.png", 99),
-        "image removed": lambda: image.unlink(),
-        "image replaced": lambda: (image.write_bytes(image.read_bytes()[::-1]),
-                                   os.utime(image, ns=(0, image.stat().st_mtime_ns + 1))),
-        "index edited, same size and mtime": lambda: _keep_mtime(
-            index, lambda p: p.write_bytes(p.read_bytes().replace(b"1", b"2", 1))),
-    }
+    image = image.relative_to(root)
+
+    def replace_image(copy: Path) -> None:
+        target = copy / image
+        mtime = target.stat().st_mtime_ns
+        target.write_bytes(target.read_bytes()[::-1])  # same size
+        os.utime(target, ns=(0, mtime + 1))
+
+    changes = {"image added": lambda copy: draw((copy / image).parent / "new.png", 99),
+               "image removed": lambda copy: (copy / image).unlink(),
+               "image replaced": replace_image}
+    index = source_files(data(source, root))[1].index
+    if index:  # Market-1501 and DukeMTMC-reID have none: the file names say everything
+        changes["index edited, same size and mtime"] = lambda copy: _keep_mtime(
+            copy / index[0], lambda p: p.write_bytes(p.read_bytes().replace(b"1", b"2", 1)))
+    return changes
 
 
-@pytest.mark.parametrize("change", ["image added", "image removed", "image replaced",
-                                    "index edited, same size and mtime"])
-def test_every_change_prepare_would_see_changes_the_fingerprint(layout, change):
+def test_every_change_prepare_would_see_changes_the_fingerprint(layout, tmp_path):
     source, root = layout
-    before = fingerprint_json(data(source, root))
     for path in root.rglob("*"):  # reading is not a change
         if path.is_file():
             path.read_bytes()
-    assert fingerprint_json(data(source, root)) == before
-    _changes(root, source)[change]()
-    assert fingerprint_json(data(source, root)) != before
+    assert fingerprint_json(data(source, root)) == fingerprint_json(data(source, root))
+    changes = _changes(root, source)
+    assert len(changes) == (3 if source in ("market1501", "dukemtmc") else 4)
+    for i, (change, apply) in enumerate(changes.items()):
+        copy = shutil.copytree(root, tmp_path / f"change{i}", copy_function=shutil.copy2)
+        before = fingerprint_json(data(source, copy))
+        apply(copy)
+        assert fingerprint_json(data(source, copy)) != before, change
 
 
 def test_files_outside_what_prepare_reads_are_ignored(inshop_root):

@@ -118,6 +118,7 @@ COMMANDS = {
 }
 
 TRAINED_STAGES = ("stage2", "stage3", "stage4", "clipreid")
+INSTANT_COMMANDS = ("fingerprint",)  # only validated key by key (config.load_params)
 
 
 def _search_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -154,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        # Every command checks the whole parameter file before it reads any data.
-        load_checked_params(args.params)
+        # Every command checks the whole parameter file before it reads any data, except the
+        # fingerprint: it runs on every `dvc repro` and reads no data, only its listing, so it
+        # must stay instant (the checks import open_clip for a pretrained tag); prepare, the
+        # stage right after it, checks the file before it reads anything.
+        if args.command not in INSTANT_COMMANDS:
+            load_checked_params(args.params)
         args.func(args)
     except ClipidError as exc:
         # One line, however the message was built: what is wrong and where.

@@ -54,8 +54,10 @@ SOURCE_FILES: dict[str, SourceFiles] = {
     "manifest": SourceFiles(index=("manifest.csv",), images=(".",)),
     "market1501": SourceFiles(images=("bounding_box_train", "query", "bounding_box_test")),
     "dukemtmc": SourceFiles(images=("bounding_box_train", "query", "bounding_box_test")),
+    # MSMT17_V1 (train/, test/) or V2 (faces blurred: mask_train_v2/, mask_test_v2/).
     "msmt17": SourceFiles(index=("list_train.txt", "list_val.txt", "list_query.txt",
-                                 "list_gallery.txt"), images=("train", "test")),
+                                 "list_gallery.txt"),
+                          images=("train", "test", "mask_train_v2", "mask_test_v2")),
 }
 
 
