@@ -15,7 +15,6 @@ import pytest
 
 from clipid.cli import main
 from clipid.config import DataParams, params_from_dict
-from clipid.data import fingerprint as fp
 from clipid.data.fingerprint import SOURCE_FILES, fingerprint_json, source_files
 from clipid.data.sources import SourceError
 from clipid.stages.prepare import prepare
@@ -222,7 +221,7 @@ def test_the_declared_files_cover_everything_prepare_opens(layout, tmp_path):
         opened = {Path(p).resolve() for p in _OPENED}
     finally:
         _OPENED = None
-    base, files = fp.source_files(params.data)
+    base, files = source_files(params.data)
     base = base.resolve()
     read = {p.relative_to(base).as_posix() for p in opened if p.is_relative_to(base)}
     assert read, "prepare opened nothing under the root: the hook recorded nothing"
