@@ -1,7 +1,8 @@
 """Source adapters: each reads one data set's own index format into a list of :class:`Record`.
 
 Adapters only read indexes; images are opened (and possibly rejected) later by ``prepare``. An
-index that cannot be parsed is a :class:`SourceError` naming the file and line.
+index that cannot be parsed is a :class:`SourceError` naming the file and line. Each source also
+declares the files it reads in :data:`clipid.data.fingerprint.SOURCE_FILES`.
 """
 
 from __future__ import annotations

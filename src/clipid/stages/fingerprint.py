@@ -1,0 +1,24 @@
+"""Stage ``fingerprint``: ``data/fingerprint.json``, what ``prepare`` reads under ``data.root``.
+
+DVC runs it on every ``dvc repro`` (``always_changed``); ``prepare`` depends on its output, so it
+reruns exactly when a file it reads changed. See :mod:`clipid.data.fingerprint`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from clipid.config import Params
+from clipid.data.fingerprint import fingerprint_json
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint_stage(params: Params, out: Path) -> str:
+    """Write the fingerprint of ``params.data``'s source to ``out``; returns the text."""
+    text = fingerprint_json(params.data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    log.info("fingerprint of data.source '%s' written to %s", params.data.source, out)
+    return text
