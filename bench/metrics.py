@@ -19,6 +19,7 @@ ranking of every query, distances within 1e-6) and >= 5x faster than the loop.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import tracemalloc
@@ -135,6 +136,7 @@ def rerank_case(seed: int = 0):
 
 
 def rerank_benchmark(rounds: int = 2) -> bool:
+    load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     dists, q_ids, g_ids = rerank_case()
     params = {"k1": RR_K1, "k2": RR_K2, "lambda_value": RR_LAMBDA}
     t_fast, t_loop = float("inf"), float("inf")
@@ -169,7 +171,7 @@ def rerank_benchmark(rounds: int = 2) -> bool:
         f"distances of {DIM}-d unit embeddings; k1 = {RR_K1}, k2 = {RR_K2}, lambda = "
         f"{RR_LAMBDA} (the paper's). Full size for both; {rounds} runs of the loop and "
         f"{rounds + 1} of `k_reciprocal_rerank`, interleaved, best of each.",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}; shared, load average {load:.1f} when the run started.",
         "",
         "| | time (s) | vs k_reciprocal_rerank |",
         "|---|---:|---:|",
