@@ -10,7 +10,7 @@ from clipid.metrics import (
     evaluate_rank,
     evaluate_rank_loop,
     k_reciprocal_rerank,
-    recall_at_k,
+    k_reciprocal_rerank_loop,
     summarise,
     text_to_image,
 )
@@ -28,7 +28,7 @@ def test_hand_computed_cmc_and_ap():
     np.testing.assert_allclose(cmc, [0.5, 1, 1, 1, 1])
     assert mean_ap == pytest.approx((0.5 + 0.7) / 2)
     assert summarise(cmc, mean_ap) == pytest.approx(
-        {"rank1": 0.5, "rank5": 1.0, "rank10": 1.0, "mAP": 0.6})
+        {"R1": 0.5, "R5": 1.0, "R10": 1.0, "R20": 1.0, "mAP": 0.6})
 
 
 def test_query_without_positive_is_skipped_and_all_skipped_is_an_error():
@@ -126,11 +126,18 @@ def test_float32_ties_and_camera_filter_against_the_loop():
     assert mean_ap == pytest.approx(map_loop, abs=1e-12)
 
 
-def test_recall_at_k_counts_every_query():
-    distmat = np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])
-    # q0 (id 0) hit at rank 1; q1 (id 0) hit at rank 3; q2 (id 9) has no gallery image: a miss.
-    recall = recall_at_k(distmat, np.array([0, 0, 9]), np.array([0, 1, 2]), ks=(1, 2, 3))
-    assert recall == pytest.approx({"R1": 1 / 3, "R2": 1 / 3, "R3": 2 / 3})
+def test_summarise_r_at_k_is_the_share_of_queries_with_a_hit_in_the_top_k():
+    # Every query sees the gallery in index order; query q's one positive is at rank
+    # first_hits[q] (R@K as the In-shop protocol defines it: a hit among the K nearest).
+    first_hits = [1, 3, 6, 12]
+    distmat = np.tile(np.arange(30.0), (4, 1))
+    g_ids = np.full(30, -1)
+    g_ids[np.array(first_hits) - 1] = np.arange(4)
+    cmc, mean_ap = evaluate_rank(distmat, np.arange(4), g_ids)
+    out = summarise(cmc, mean_ap)
+    assert list(out) == ["R1", "R5", "R10", "R20", "mAP"]
+    assert out == pytest.approx({"R1": 1 / 4, "R5": 2 / 4, "R10": 3 / 4, "R20": 1.0,
+                                 "mAP": np.mean([1 / r for r in first_hits])})
 
 
 def test_text_to_image_ranks_by_similarity():
@@ -155,46 +162,117 @@ def test_aggregate_draws_single_draw_has_zero_std():
 
 
 def test_aggregate_draws_mean_and_std():
-    out = aggregate_draws([{"mAP": 0.2, "rank1": 0.5}, {"mAP": 0.4, "rank1": 0.5}])
-    assert out == pytest.approx({"mAP": 0.3, "mAP_std": 0.1, "rank1": 0.5, "rank1_std": 0.0})
+    out = aggregate_draws([{"mAP": 0.2, "R1": 0.5}, {"mAP": 0.4, "R1": 0.5}])
+    assert out == pytest.approx({"mAP": 0.3, "mAP_std": 0.1, "R1": 0.5, "R1_std": 0.0})
     with pytest.raises(ValueError):
         aggregate_draws([])
 
 
-def _clusters(seed: int, n_ids: int = 12, per_id: int = 4, noise: float = 0.9):
+def _clusters(seed: int, n_ids: int = 12, per_id: int = 4, noise: float = 0.9, dim: int = 16):
+    """Unit vectors around identity centres; every per_id-th image is a query."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_ids, 16))
+    centres = rng.standard_normal((n_ids, dim))
     ids = np.repeat(np.arange(n_ids), per_id)
-    x = centres[ids] + noise * rng.standard_normal((len(ids), 16))
+    x = centres[ids] + noise * rng.standard_normal((len(ids), dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     query = np.arange(len(ids)) % per_id == 0
     q, g = x[query], x[~query]
     return q, g, ids[query], ids[~query]
 
 
-def test_rerank_with_lambda_one_gives_the_original_distances():
-    q, g, q_ids, g_ids = _clusters(0)
-    dist = 1 - q @ g.T
-    reranked = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, k1=5, k2=3, lambda_value=1.0)
-    assert reranked.shape == dist.shape
-    np.testing.assert_array_equal(reranked, dist)
+def _euclidean(a, b):
+    return np.sqrt(np.maximum(2 - 2 * a @ b.T, 0))
+
+
+def _distances(q, g):
+    return _euclidean(q, g), _euclidean(q, q), _euclidean(g, g)
+
+
+RERANK_CASES = [  # (seed, identities, images per identity, k1, k2, lambda)
+    (0, 12, 4, 20, 6, 0.3),  # the paper's parameters, k1 above the images per identity
+    (1, 20, 5, 6, 3, 0.3),
+    (2, 30, 4, 4, 2, 0.5),
+    (3, 15, 6, 8, 1, 0.3),   # no local query expansion
+    (4, 25, 3, 3, 4, 0.0),   # Jaccard distance alone, k2 above k1
+    (5, 40, 5, 20, 6, 0.3),
+    (6, 8, 3, 1, 1, 0.3),    # round(k1 / 2) = 0: the expansion sets are the images alone
+    (7, 6, 3, 50, 40, 0.3),  # k1 and k2 beyond the number of images
+]
+
+
+@pytest.mark.parametrize(("seed", "n_ids", "per_id", "k1", "k2", "lam"), RERANK_CASES)
+def test_rerank_equals_the_loop_transcription_of_the_published_algorithm(seed, n_ids, per_id,
+                                                                         k1, k2, lam):
+    q, g, q_ids, g_ids = _clusters(seed, n_ids, per_id)
+    dists = _distances(q, g)
+    fast = k_reciprocal_rerank(*dists, k1=k1, k2=k2, lambda_value=lam)
+    loop = k_reciprocal_rerank_loop(*dists, k1=k1, k2=k2, lambda_value=lam)
+    assert fast.shape == loop.shape == (len(q), len(g)) and fast.dtype == np.float32
+    np.testing.assert_allclose(fast, loop, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.argsort(fast, axis=1, kind="stable"),
+                                  np.argsort(loop, axis=1, kind="stable"))
+    cmc, mean_ap = evaluate_rank(fast, q_ids, g_ids)
+    cmc_loop, map_loop = evaluate_rank(loop, q_ids, g_ids)
+    np.testing.assert_array_equal(cmc, cmc_loop)
+    assert mean_ap == map_loop
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rerank_ties_are_ranked_in_image_order_like_the_loop(seed):
+    # Duplicated images and distances rounded to 1/10: many ties, also at the k1-th neighbour.
+    q, g, _, _ = _clusters(seed, n_ids=10, per_id=4, noise=1.2)
+    g = np.concatenate([g, g[:6], q[:2]])
+    dists = [np.round(d, 1) for d in _distances(q, g)]
+    fast = k_reciprocal_rerank(*dists, k1=5, k2=3)
+    loop = k_reciprocal_rerank_loop(*dists, k1=5, k2=3)
+    np.testing.assert_allclose(fast, loop, rtol=0, atol=1e-6)
+
+
+def test_nearest_neighbours_are_a_stable_sort_prefix_even_with_ties():
+    from clipid.metrics.rerank import _nearest
+
+    rng = np.random.default_rng(0)
+    dist = rng.integers(0, 5, (50, 300)).astype(np.float32)  # every row full of ties
+    dist[7] = 1.0  # a row of one value
+    for m in (1, 5, 21, 300):
+        np.testing.assert_array_equal(_nearest(dist, m),
+                                      np.argsort(dist, axis=1, kind="stable")[:, :m])
+
+
+def test_rerank_with_lambda_one_gives_the_normalised_squared_distances():
+    q, g, _, _ = _clusters(0)
+    qg, qq, gg = _distances(q, g)
+    reranked = k_reciprocal_rerank(qg, qq, gg, k1=5, k2=3, lambda_value=1.0)
+    # Column j of the full (Q+G) matrix is divided by its largest squared value.
+    largest = np.max(np.block([[qq, qg], [qg.T, gg]]) ** 2, axis=0)
+    np.testing.assert_allclose(reranked, qg ** 2 / largest[: len(q), None], rtol=1e-6)
+    np.testing.assert_array_equal(np.argsort(reranked, axis=1), np.argsort(qg, axis=1))
 
 
 def test_rerank_output_shape_and_range():
     q, g, _, _ = _clusters(1)
-    dist = 1 - q @ g.T
-    jaccard = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, lambda_value=0.0)
+    jaccard = k_reciprocal_rerank(*_distances(q, g), lambda_value=0.0)
     assert jaccard.shape == (len(q), len(g))
     assert np.all((jaccard >= 0) & (jaccard <= 1 + 1e-6))
+
+
+def test_rerank_rejects_bad_input():
+    q, g, _, _ = _clusters(1)
+    qg, qq, gg = _distances(q, g)
+    with pytest.raises(ValueError, match="g_g_dist"):
+        k_reciprocal_rerank(qg, qq, gg[:-1, :-1])
+    with pytest.raises(ValueError, match="finite"):
+        k_reciprocal_rerank(np.full_like(qg, np.nan), qq, gg)
+    with pytest.raises(ValueError, match="k1 >= 1"):
+        k_reciprocal_rerank(qg, qq, gg, k1=0)
 
 
 def test_rerank_improves_map_on_clustered_data():
     gains = []
     for seed in range(5):
         q, g, q_ids, g_ids = _clusters(seed)
-        dist = 1 - q @ g.T
-        _, before = evaluate_rank(dist, q_ids, g_ids)
-        reranked = k_reciprocal_rerank(dist, 1 - q @ q.T, 1 - g @ g.T, k1=6, k2=3)
-        _, after = evaluate_rank(reranked, q_ids, g_ids)
+        qg, qq, gg = _distances(q, g)
+        _, before = evaluate_rank(qg, q_ids, g_ids)
+        _, after = evaluate_rank(k_reciprocal_rerank(qg, qq, gg, k1=6, k2=3), q_ids, g_ids)
         gains.append(after - before)
     assert np.mean(gains) > 0, gains

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from clipid.config import EvalParams
@@ -19,7 +20,6 @@ from clipid.metrics import (
     aggregate_draws,
     evaluate_rank,
     k_reciprocal_rerank,
-    recall_at_k,
     summarise,
     text_to_image,
 )
@@ -52,9 +52,82 @@ def _examples(dist: np.ndarray, q: Any, g: Any, count: int, top_k: int) -> list[
     return out
 
 
-def _cameras(rows) -> np.ndarray | None:
-    cams = rows["camera"].to_numpy()
-    return cams if (cams >= 0).all() else None  # unknown cameras: nothing is filtered
+REPORTED_RANKS = (1, 5, 10, 20)  # CMC R@K in every metrics block
+
+
+def _canonical(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows by image path: the order every metric, tie and example is computed in, so that
+    nothing depends on the order of the manifest's rows."""
+    return rows.sort_values(["image", "item_id", "camera"], kind="stable").reset_index(drop=True)
+
+
+def _cameras(q: pd.DataFrame, g: pd.DataFrame) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Cameras for the same-identity same-camera removal; -1 (unknown) never matches a camera,
+    so only entries with both cameras known and equal are removed. None: no camera known."""
+    q_cams, g_cams = q["camera"].to_numpy(), g["camera"].to_numpy()
+    if (q_cams < 0).all() or (g_cams < 0).all():
+        return None, None
+    return np.where(q_cams < 0, -1, q_cams), np.where(g_cams < 0, -2, g_cams)
+
+
+def _without_positive(q_ids: np.ndarray, g_ids: np.ndarray, q_cams: np.ndarray | None,
+                      g_cams: np.ndarray | None) -> int:
+    """Queries with no gallery image of their identity left after the camera removal: the
+    re-id protocol skips them, so they are counted and reported instead of lost silently."""
+    if q_cams is None:
+        return int((~np.isin(q_ids, g_ids)).sum())
+    gallery = pd.DataFrame({"id": g_ids, "cam": g_cams})
+    per_id = gallery.groupby("id").size().reindex(q_ids, fill_value=0).to_numpy()
+    same_camera = gallery.groupby(["id", "cam"]).size().reindex(
+        pd.MultiIndex.from_arrays([q_ids, q_cams]), fill_value=0).to_numpy()
+    return int((per_id == same_camera).sum())
+
+
+def _euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances of unit vectors, the distance k-reciprocal re-ranking squares."""
+    return np.sqrt(np.maximum(2 - 2 * (a @ b.T), 0))
+
+
+def _caption_features(clip: ClipModel, data: PreparedData, test: pd.DataFrame,
+                      params: EvalParams, device: torch.device, dtype: torch.dtype
+                      ) -> dict[str, np.ndarray]:
+    """Query image path -> the embedding of its caption ({} without captions or text tower)."""
+    if not data.texts or not hasattr(clip.model, "encode_text"):
+        return {}
+    queries = test[test["split"] == "query"].drop_duplicates("image").sort_values("image")
+    captions = data.captions(queries)
+    unique = sorted(set(captions))
+    encoded = text_features(clip.model, clip.tokenizer, unique, batch_size=params.batch_size,
+                            device=device, dtype=dtype).numpy()
+    by_caption = dict(zip(unique, encoded, strict=True))
+    return {image: by_caption[c] for image, c in zip(queries["image"], captions, strict=True)}
+
+
+def _score_draw(q: pd.DataFrame, g: pd.DataFrame, qf: np.ndarray, gf: np.ndarray,
+                caption_feats: dict[str, np.ndarray], params: EvalParams
+                ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """``(metrics, cmc, distances)`` of one query/gallery draw (rows in canonical order)."""
+    if params.rerank:
+        dist = k_reciprocal_rerank(_euclidean(qf, gf), _euclidean(qf, qf), _euclidean(gf, gf),
+                                   k1=params.rerank_k1, k2=params.rerank_k2,
+                                   lambda_value=params.rerank_lambda)
+    else:
+        dist = 1.0 - qf @ gf.T
+    q_ids, g_ids = q["item_id"].to_numpy(), g["item_id"].to_numpy()
+    q_cams, g_cams = _cameras(q, g)
+    skipped = _without_positive(q_ids, g_ids, q_cams, g_cams)
+    if skipped:
+        log.warning("%d of %d queries have no gallery image of their identity (after removing "
+                    "same-camera ones) and are left out of the image-to-image metrics",
+                    skipped, len(q))
+    cmc, mean_ap = evaluate_rank(dist, q_ids, g_ids, q_cams, g_cams,
+                                 max_rank=max(params.max_rank, *REPORTED_RANKS))
+    result: dict[str, Any] = {"i2i": summarise(cmc, mean_ap, REPORTED_RANKS),
+                              "queries": len(q), "gallery": len(g)}
+    if caption_feats:
+        tf = np.stack([caption_feats[p] for p in q["image"]])
+        result["t2i"] = text_to_image(tf @ gf.T, q_ids, g_ids, ks=REPORTED_RANKS)
+    return result, cmc[: params.max_rank], dist
 
 
 def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
@@ -62,6 +135,7 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     """Embed every test image once, then score each draw.
 
     ``examples`` queries of the first draw keep their ``top_k`` ranked gallery images.
+    Every figure is independent of the order of the manifest's rows.
     """
     test = data.table[data.table["split"].isin(["query", "gallery"])]
     images = sorted(test["image"].unique())
@@ -73,34 +147,14 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
                            batch_size=params.batch_size, workers=params.workers, flip=params.flip,
                            device=device, dtype=dtype).numpy()
-    query_images = sorted(test.loc[test["split"] == "query", "image"].unique())
-    captions = data.captions(test[test["image"].isin(query_images)].drop_duplicates("image"))
-    caption_of = dict(zip(query_images, captions, strict=True)) if data.texts else {}
-    text_feats = {}
-    if caption_of and hasattr(clip.model, "encode_text"):
-        unique = sorted(set(caption_of.values()))
-        encoded = text_features(clip.model, clip.tokenizer, unique, batch_size=params.batch_size,
-                                device=device, dtype=dtype).numpy()
-        text_feats = dict(zip(unique, encoded, strict=True))
+    caption_feats = _caption_features(clip, data, test, params, device, dtype)
 
     per_draw, cmcs, ranked = [], [], []
     for draw in data.draws:
-        q, g = data.rows("query", draw), data.rows("gallery", draw)
+        q, g = _canonical(data.rows("query", draw)), _canonical(data.rows("gallery", draw))
         qf = feats[[position[p] for p in q["image"]]]
         gf = feats[[position[p] for p in g["image"]]]
-        dist = 1.0 - qf @ gf.T
-        if params.rerank:
-            dist = k_reciprocal_rerank(dist, 1.0 - qf @ qf.T, 1.0 - gf @ gf.T, k1=params.rerank_k1,
-                                       k2=params.rerank_k2, lambda_value=params.rerank_lambda)
-        q_ids, g_ids = q["item_id"].to_numpy(), g["item_id"].to_numpy()
-        cmc, mean_ap = evaluate_rank(dist, q_ids, g_ids, _cameras(q), _cameras(g),
-                                     max_rank=params.max_rank)
-        i2i = summarise(cmc, mean_ap)
-        i2i.update(recall_at_k(dist, q_ids, g_ids, ks=(1, 10, 20)))
-        result: dict[str, Any] = {"i2i": i2i, "queries": len(q), "gallery": len(g)}
-        if text_feats:
-            tf = np.stack([text_feats[caption_of[p]] for p in q["image"]])
-            result["t2i"] = text_to_image(tf @ gf.T, q_ids, g_ids)
+        result, cmc, dist = _score_draw(q, g, qf, gf, caption_feats, params)
         per_draw.append(result)
         cmcs.append(cmc)
         if not ranked:

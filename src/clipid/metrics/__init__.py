@@ -7,9 +7,9 @@ are comparable with the re-identification literature.
 from __future__ import annotations
 
 from clipid.metrics.rank import evaluate_rank, positive_ranks, summarise
-from clipid.metrics.reference import evaluate_rank_loop
+from clipid.metrics.reference import evaluate_rank_loop, k_reciprocal_rerank_loop
 from clipid.metrics.rerank import k_reciprocal_rerank
-from clipid.metrics.retrieval import aggregate_draws, recall_at_k, text_to_image
+from clipid.metrics.retrieval import aggregate_draws, text_to_image
 
 __all__ = ["aggregate_draws", "evaluate_rank", "evaluate_rank_loop", "k_reciprocal_rerank",
-           "positive_ranks", "recall_at_k", "summarise", "text_to_image"]
+           "k_reciprocal_rerank_loop", "positive_ranks", "summarise", "text_to_image"]

@@ -10,7 +10,7 @@ everything but the sort and one binary search per query is vectorised over the c
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -177,9 +177,15 @@ def evaluate_rank(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     return cmc.astype(np.float32), float(np.concatenate(aps).mean())
 
 
-def summarise(cmc: np.ndarray, mean_ap: float) -> dict[str, float]:
-    """The four numbers every re-identification table reports."""
+def summarise(cmc: np.ndarray, mean_ap: float,
+              ranks: Sequence[int] = (1, 5, 10, 20)) -> dict[str, float]:
+    """The numbers every re-identification table reports: ``R<k>``, the CMC at rank ``k`` (the
+    share of queries with a positive among their ``k`` nearest), and ``mAP``.
+
+    A rank beyond the curve takes its last value, right when the curve covers the whole gallery
+    (``evaluate_rank``'s ``max_rank`` >= the largest rank asked, or >= the gallery size).
+    """
     def at(k: int) -> float:
         return float(cmc[min(k, len(cmc)) - 1])
 
-    return {"rank1": at(1), "rank5": at(5), "rank10": at(10), "mAP": float(mean_ap)}
+    return {**{f"R{k}": at(k) for k in ranks}, "mAP": float(mean_ap)}

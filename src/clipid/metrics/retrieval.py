@@ -1,5 +1,5 @@
-"""Retrieval metrics beyond the re-identification protocol: In-shop Recall@K, text-to-image
-retrieval, and averaging over Monte-Carlo query/gallery draws."""
+"""Retrieval metrics beyond image-to-image re-identification: text-to-image retrieval, and
+averaging over Monte-Carlo query/gallery draws."""
 
 from __future__ import annotations
 
@@ -9,31 +9,16 @@ import numpy as np
 
 from clipid.metrics.rank import ranked_chunks
 
-__all__ = ["aggregate_draws", "recall_at_k", "text_to_image"]
-
-
-def recall_at_k(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
-                ks: Sequence[int] = (1, 10, 20)) -> dict[str, float]:
-    """In-shop Recall@K: the share of queries with an image of their item among the K nearest
-    gallery images (ascending distance, ties in gallery order). No camera filtering; every query
-    counts, so a query whose item has no gallery image is a miss (the In-shop evaluation divides
-    by all queries too)."""
-    n = np.asarray(distmat).shape[0]
-    if n == 0:
-        raise ValueError("no queries")
-    hits = dict.fromkeys(ks, 0)
-    for chunk in ranked_chunks(distmat, q_ids, g_ids):
-        first = chunk.first()
-        for k in ks:
-            hits[k] += int(np.count_nonzero(first < k))
-    return {f"R{k}": hits[k] / n for k in ks}
+__all__ = ["aggregate_draws", "text_to_image"]
 
 
 def text_to_image(similarity: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
-                  ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                  ks: Sequence[int] = (1, 5, 10, 20)) -> dict[str, float]:
     """Text-to-image retrieval: ``similarity[i, j]`` of query caption ``i`` and gallery image
-    ``j`` (higher is closer). A caption's positives are the gallery images of its identity;
-    captions with none are skipped. Recall@K and mAP over the remaining captions."""
+    ``j`` (higher is closer). A caption's positives are the gallery images of its identity
+    (no camera removal: a caption has no camera); captions with none are skipped. ``R<k>``
+    (share of captions with a positive among the k most similar; ties in gallery order) and
+    ``mAP`` over the remaining captions: the image-to-image protocol with captions as queries."""
     hits = dict.fromkeys(ks, 0)
     aps = []
     # Negated similarity is a distance with the same order (ties still in gallery order).

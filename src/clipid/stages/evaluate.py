@@ -56,7 +56,7 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     examples_path = metrics_dir / "examples" / f"{stage}.json"
     write_results(result, metrics_path, cmc_path, extra, examples_path)
     i2i, t2i = result.metrics["i2i"], result.metrics.get("t2i", {})
-    log.info("%s: i2i rank1 %.4f mAP %.4f | t2i R@1 %.4f mAP %.4f", stage, i2i["rank1"],
+    log.info("%s: i2i R1 %.4f mAP %.4f | t2i R1 %.4f mAP %.4f", stage, i2i["R1"],
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
 
     dvc_stage = "zeroshot" if stage == PRETRAINED_STAGE else f"evaluate@{stage}"

@@ -1,0 +1,95 @@
+"""clipid.evaluation.evaluate on a prepared data set: independent of the manifest's row order,
+camera-aware from the manifest's ``camera`` column."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipid.config import params_from_dict
+from clipid.data.dataset import PreparedData
+from clipid.evaluation import evaluate
+from clipid.models.factory import create_model
+
+from conftest import prepare_data
+
+PARAMS = params_from_dict({
+    "data": {"synthetic": {"items": 24, "views": 4, "image_size": 48}, "cache_size": 32,
+             "workers": 0},
+    "eval": {"batch_size": 32, "rerank_k1": 6, "rerank_k2": 3},
+})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> PreparedData:
+    return PreparedData.load(prepare_data(PARAMS, tmp_path_factory.mktemp("prepared")))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return create_model(PARAMS.model.name, PARAMS.model.pretrained, seed=0)
+
+
+def shuffled(data: PreparedData, seed: int) -> PreparedData:
+    """The same manifest with its rows in another order."""
+    order = np.random.default_rng(seed).permutation(len(data.table))
+    return dataclasses.replace(data, table=data.table.iloc[order].reset_index(drop=True))
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_every_metric_is_independent_of_the_manifest_row_order(prepared, clip, rerank):
+    params = dataclasses.replace(PARAMS.eval, rerank=rerank)
+    expected = evaluate(clip, prepared, params)
+    assert {"i2i", "t2i"} <= set(expected.metrics)
+    for seed in range(4):
+        result = evaluate(clip, shuffled(prepared, seed), params)
+        assert result.metrics == expected.metrics, f"permutation {seed}"
+        np.testing.assert_array_equal(result.cmc, expected.cmc)
+        assert result.examples == expected.examples
+
+
+def test_one_name_per_quantity(prepared, clip):
+    metrics = evaluate(clip, prepared, PARAMS.eval).metrics
+    for block in ("i2i", "t2i"):
+        names = {k for k in metrics[block] if not k.endswith("_std")}
+        assert names == {"R1", "R5", "R10", "R20", "mAP"}, block
+
+
+def with_cameras(data: PreparedData, query: dict[str, int], gallery: dict[str, int]
+                 ) -> PreparedData:
+    """``data`` with the cameras of some items' query and gallery rows replaced."""
+    table = data.table.copy()
+    for split, cameras in (("query", query), ("gallery", gallery)):
+        for item, camera in cameras.items():
+            table.loc[(table["split"] == split) & (table["item_id"] == item), "camera"] = camera
+    return dataclasses.replace(data, table=table)
+
+
+def test_camera_aware_evaluation_reads_the_manifest_camera_column(prepared, clip):
+    table = prepared.table
+    queries = table[table["split"] == "query"]
+    item = queries["item_id"].iloc[0]
+    camera = int(queries["camera"].iloc[0])
+    # The synthetic set puts queries and gallery views on different cameras: nothing removed.
+    base = evaluate(clip, prepared, PARAMS.eval).metrics["i2i"]
+    unknown = prepared.table.assign(camera=-1)
+    assert evaluate(clip, dataclasses.replace(prepared, table=unknown),
+                    PARAMS.eval).metrics["i2i"] == base
+    # All of one item's gallery images on its query's camera: removed, so that query has no
+    # positive left and counts as if it were not there.
+    same = evaluate(clip, with_cameras(prepared, {}, {item: camera}), PARAMS.eval)
+    without = table[~((table["split"] == "query") & (table["item_id"] == item))]
+    dropped = evaluate(clip, dataclasses.replace(prepared, table=without), PARAMS.eval)
+    assert same.metrics["i2i"] == dropped.metrics["i2i"] != base
+    # An unknown camera (-1) never matches: nothing removed.
+    unknown_query = with_cameras(prepared, {item: -1}, {item: camera})
+    assert evaluate(clip, unknown_query, PARAMS.eval).metrics["i2i"] == base
+
+
+def test_evaluate_names_the_manifest_when_there_is_nothing_to_evaluate(prepared, clip):
+    train_only = prepared.table[prepared.table["split"] == "train"]
+    with pytest.raises(ValueError, match=str(Path("manifest.csv"))):
+        evaluate(clip, dataclasses.replace(prepared, table=train_only), PARAMS.eval)
