@@ -5,14 +5,15 @@ It holds the weights (safetensors and sidecar), the preprocessing and the tokeni
 from the project's environment with ``--env-manager local`` and installs nothing).
 
 Input: a DataFrame with an ``image`` column (image file bytes, raw or base64) and/or a ``text``
-column; each row fills exactly one. Output: one L2-normalised float32 embedding per row, the
-same numbers ``clipid.features`` gives.
+column; each row fills exactly one (the other empty or missing). Output: one L2-normalised
+float32 embedding per row, the same numbers ``clipid.features`` gives.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import math
@@ -61,10 +62,8 @@ def weights_file(clip: ClipModel, folder: Path) -> Path:
 
 def _image(value: Any) -> Image.Image:
     raw = value.encode("ascii") if isinstance(value, str) else bytes(value)
-    try:
-        raw = base64.b64decode(raw, validate=True)  # base64 text; raw image bytes never are
-    except (binascii.Error, ValueError):
-        pass
+    with contextlib.suppress(binascii.Error, ValueError):  # raw image bytes are never base64
+        raw = base64.b64decode(raw, validate=True)
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
@@ -78,7 +77,7 @@ def _present(value: Any) -> bool:
         return False
     if isinstance(value, float) and math.isnan(value):
         return False
-    return not (isinstance(value, str) and value == "")
+    return not (isinstance(value, (str, bytes)) and len(value) == 0)
 
 
 class ClipidEmbedder(PythonModel):
@@ -102,7 +101,7 @@ class ClipidEmbedder(PythonModel):
         images = frame["image"].tolist() if "image" in frame else [None] * len(frame)
         texts = frame["text"].tolist() if "text" in frame else [None] * len(frame)
         image_rows, text_rows = [], []
-        for row, (image, text) in enumerate(zip(images, texts)):
+        for row, (image, text) in enumerate(zip(images, texts, strict=True)):
             if _present(image) == _present(text):
                 raise ClipidError(f"input row {row}: give exactly one of 'image' and 'text'")
             (image_rows if _present(image) else text_rows).append(row)
@@ -150,8 +149,9 @@ def _example(has_text: bool) -> pd.DataFrame:
     Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="PNG")
     if not has_text:
         return pd.DataFrame({"image": [buffer.getvalue()]})
-    return pd.DataFrame({"image": [buffer.getvalue(), None],
-                         "text": [None, "a photo of a garment"]})
+    # An empty value marks the absent one: MLflow's server can't decode a null binary cell.
+    return pd.DataFrame({"image": [buffer.getvalue(), b""],
+                         "text": ["", "a photo of a garment"]})
 
 
 def _requirements() -> list[str]:

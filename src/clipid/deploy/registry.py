@@ -21,8 +21,7 @@ from clipid.errors import ClipidError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Champion", "best_stages", "log_stage_model", "move_champions", "register_stage",
-           "stage_digest"]
+__all__ = ["Champion", "best_stages", "log_stage_model", "move_champions", "stage_digest"]
 
 SHA_TAG = "clipid.weights_sha256"
 STAGE_TAG = "clipid.stage"
@@ -67,7 +66,7 @@ def log_stage_model(client: Any, run_id: str, clip: Any, stage: str) -> dict[str
         _ensure_registered(client, name)
         version = client.create_model_version(name, source, run_id=run_id,
                                                tags={STAGE_TAG: stage, SHA_TAG: digest})
-        versions[name] = version.version
+        versions[name] = str(version.version)
         log.info("%s: registered %s version %s", stage, name, version.version)
     return versions
 
@@ -110,7 +109,7 @@ def _version_of(client: Any, name: str, digest: str) -> str | None:
     """The newest version of ``name`` holding weights ``digest``."""
     versions = [v for v in client.search_model_versions(f"name = '{name}'")
                 if v.tags.get(SHA_TAG) == digest]
-    return max((v.version for v in versions), key=int, default=None)
+    return max((str(v.version) for v in versions), key=int, default=None)
 
 
 def move_champions(client: Any, champions: list[Champion], digests: dict[str, str | None]
