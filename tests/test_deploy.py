@@ -112,6 +112,8 @@ def test_a_training_run_logs_one_registered_pyfunc_that_embeds_like_clipid_featu
     assert got.dtype == np.float32 and np.abs(got - want_images).max() <= 1e-5
     raw = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
     assert np.abs(raw - want_images).max() <= 1e-5
+    mime = model.predict(pd.DataFrame({"image": [base64.encodebytes(paths[0].read_bytes())]}))
+    assert np.abs(mime - want_images[:1]).max() <= 1e-5
     got = model.predict(pd.DataFrame({"text": TEXTS}))
     assert np.abs(got - want_texts).max() <= 1e-5
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
@@ -124,8 +126,11 @@ def test_a_training_run_logs_one_registered_pyfunc_that_embeds_like_clipid_featu
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode()]}))
 
 
-def test_without_log_checkpoints_no_weights_and_no_versions(store: Path) -> None:
+def test_without_log_checkpoints_no_weights_and_no_versions(
+        store: Path, capsys: pytest.CaptureFixture) -> None:
     from mlflow.exceptions import MlflowException
+
+    from clipid.stages.register import register_stage
 
     run_id = train_run("stage2", checkpoint(store / "models", "stage2", seed=1), log=False)
     artifacts = store / "mlruns" / run_id / "artifacts"
@@ -133,6 +138,11 @@ def test_without_log_checkpoints_no_weights_and_no_versions(store: Path) -> None
         == ["checkpoint/model.json"]
     with pytest.raises(MlflowException):
         client(store).get_registered_model(IMAGE_MODEL)
+    write_metrics(store / "metrics", {"stage2": (0.3, 0.1)})
+    moved = register_stage(params_from_dict({"mlflow": {"log_checkpoints": False}}), ["stage2"],
+                           store / "metrics", store / "models", store / "register.json")
+    assert moved == {IMAGE_MODEL: None, TEXT_MODEL: None}
+    assert "log_checkpoints is false" in capsys.readouterr().out
 
 
 def write_metrics(metrics: Path, figures: dict[str, tuple[float, float]]) -> None:

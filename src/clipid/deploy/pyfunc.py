@@ -16,7 +16,6 @@ import binascii
 import contextlib
 import io
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,9 +60,9 @@ def weights_file(clip: ClipModel, folder: Path) -> Path:
 
 
 def _image(value: Any) -> Image.Image:
-    raw = value.encode("ascii") if isinstance(value, str) else bytes(value)
+    raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     with contextlib.suppress(binascii.Error, ValueError):  # raw image bytes are never base64
-        raw = base64.b64decode(raw, validate=True)
+        raw = base64.b64decode(b"".join(raw.split()), validate=True)  # MIME base64 has newlines
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
@@ -73,10 +72,8 @@ def _image(value: Any) -> Image.Image:
 
 
 def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, float) and math.isnan(value):
-        return False
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return False  # None, NaN, pd.NA: a frame's empty cells
     return not (isinstance(value, (str, bytes)) and len(value) == 0)
 
 

@@ -19,7 +19,7 @@ def export_stage(params: Params, stage: str | None = None, out: Path | None = No
     """``stage`` into ``out``; without a stage, search.model.image and search.model.text (the
     models behind ``clipid search``) into ``models/export/<stage>/``."""
     if stage is None and out is not None:
-        raise ClipidError("clipid export: --out needs a STAGE")
+        raise ClipidError("--out needs a STAGE (the default exports search.model.image and .text)")
     stages = [stage] if stage else list(dict.fromkeys(
         [params.search.model.image, params.search.model.text]))
     written: list[Path] = []
