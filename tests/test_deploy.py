@@ -312,3 +312,18 @@ def test_onnx_export_matches_torch_and_is_byte_deterministic(tmp_path: Path) -> 
         assert np.abs(got - want).max() <= 1e-4
         cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
         assert cosine.min() > 0.9999
+
+
+def test_a_checkpoint_without_a_model_is_kept_as_a_file(store: Path) -> None:
+    """CLIP-ReID's prompt stage checkpoints learnt prompts, not a model: no MLflow Model."""
+    from mlflow.exceptions import MlflowException
+
+    prompts = save_checkpoint({"ctx": torch.zeros(3, 4, 128)},
+                              store / "models" / "clipreid_prompts" / "model.safetensors",
+                              {"architecture": "clipid-vit-tiny"})
+    run_id = train_run("clipreid_prompts", prompts)
+    logged = sorted(a.path for a in client(store).list_artifacts(run_id, "checkpoint"))
+    assert logged == ["checkpoint/model.json", "checkpoint/model.safetensors"]
+    assert not (store / "mlruns" / run_id / "artifacts" / "model").exists()
+    with pytest.raises(MlflowException):
+        client(store).get_registered_model(IMAGE_MODEL)

@@ -310,9 +310,13 @@ class Tracker:
         ``mlflow.log_checkpoints`` is false, the weights as a registered MLflow Model."""
         self.log_metrics({"train_seconds": seconds})
         if self.params.mlflow.log_checkpoints and self.active:
-            from clipid.models.factory import load_model
+            from clipid.deploy.registry import holds_clip_model, log_checkpoint_model
 
-            self.log_model(load_model(checkpoint), self.run_name)
+            if holds_clip_model(checkpoint):
+                self._call(log_checkpoint_model, self._client, self._run_id, checkpoint,
+                           self.run_name)
+            else:  # not a model (CLIP-ReID's prompts): the file itself
+                self.log_artifact(checkpoint, "checkpoint")
         self.log_artifact(sidecar_path(checkpoint), "checkpoint")
 
     def log_model(self, clip: Any, stage: str) -> None:

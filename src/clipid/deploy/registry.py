@@ -21,7 +21,8 @@ from clipid.errors import ClipidError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Champion", "best_stages", "log_stage_model", "move_champions", "stage_digest"]
+__all__ = ["Champion", "best_stages", "holds_clip_model", "log_checkpoint_model",
+           "log_stage_model", "move_champions", "stage_digest"]
 
 SHA_TAG = "clipid.weights_sha256"
 STAGE_TAG = "clipid.stage"
@@ -69,6 +70,22 @@ def log_stage_model(client: Any, run_id: str, clip: Any, stage: str) -> dict[str
         versions[name] = str(version.version)
         log.info("%s: registered %s version %s", stage, name, version.version)
     return versions
+
+
+def holds_clip_model(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds a CLIP model (not, e.g., CLIP-ReID's learnt prompts)."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as weights:
+        return any(key.startswith("visual.") for key in weights.keys())  # noqa: SIM118
+
+
+def log_checkpoint_model(client: Any, run_id: str, checkpoint: Path, stage: str
+                         ) -> dict[str, str]:
+    """:func:`log_stage_model` of the model in ``checkpoint``."""
+    from clipid.models.factory import load_model
+
+    return log_stage_model(client, run_id, load_model(checkpoint), stage)
 
 
 def stage_digest(params: Params, stage: str, models_dir: Path = Path("models")) -> str | None:
