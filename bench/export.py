@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -111,7 +112,9 @@ def main() -> int:
         "exporter, opset 17, L2-normalised output) in onnxruntime against the same module in "
         f"torch (`inference_mode`), CPU, {args.threads} thread(s) each, same batch; "
         f"interleaved, best of {rounds} rounds x {args.repeats} calls. Random weights.",
-        f"Machine: {machine()}; onnxruntime {onnxruntime.__version__}.",
+        f"Machine: {machine()}; onnxruntime {onnxruntime.__version__}; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (other jobs share the cores: absolute rates "
+        "shrink with it, the interleaved ratio much less).",
         "",
         "| tower | batch | torch | onnxruntime | onnxruntime / torch | max abs diff |",
         "|---|---:|---:|---:|---:|---:|",
