@@ -37,15 +37,15 @@ def register_stage(params: Params, stages: list[str], metrics_dir: Path = Path("
         print(f"register: mlflow.log_checkpoints is false, so no stage logged a model; "
               f"'{CHAMPION}' not moved")
         return {c.model: None for c in champions}
+    digests = {c.stage: stage_digest(params, c.stage, models_dir) for c in champions}
     uri = tracking.tracking_uri()
     try:
         tracking._check_reachable(uri)
         client = tracking._mlflow_client(uri)
-        digests = {c.stage: stage_digest(params, c.stage, models_dir) for c in champions}
         moved = move_champions(client, champions, digests)
     except Exception as error:  # noqa: BLE001 - the registry must not stop the pipeline
-        print(f"register: the MLflow store at {uri} could not be reached ({type(error).__name__}"
-              f": {error}); '{CHAMPION}' not moved")
+        print(f"register: the MLflow store at {uri} could not be reached or failed "
+              f"({type(error).__name__}: {error}); '{CHAMPION}' not moved")
         return {c.model: None for c in champions}
     for champion in champions:
         version = moved[champion.model]
