@@ -33,7 +33,7 @@ def _merge(base: dict, over: dict) -> dict:
 def sh(cwd: Path, *cmd: str) -> str:
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -106,6 +106,21 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     found = json.loads(sh(micro_repo, "clipid", "search", "--text", "a red shirt", "--json"))
     assert found["model"] == "stage3" and len(found["results"]) == 10
     assert (micro_repo / "search.png").stat().st_size > 0
+    # Every training run and Stage 1 registered a model; champion is the best stage's version.
+    from mlflow.tracking import MlflowClient
+
+    registry = MlflowClient(f"sqlite:///{micro_repo / 'mlflow.db'}")
+    champions = json.loads((micro_repo / "metrics" / "register.json").read_text())
+    for name, block in (("clipid-image", "i2i"), ("clipid-text", "t2i")):
+        assert len(registry.search_model_versions(f"name = '{name}'")) == len(STAGES)
+        best = max(STAGES, key=lambda s: json.loads(
+            (micro_repo / "metrics" / f"{s}.json").read_text())[block]["mAP"])
+        assert champions[name]["stage"] == best
+        champion = registry.get_model_version_by_alias(name, "champion")
+        assert champion.tags["clipid.stage"] == best
+    for stage in ("stage3", "stage4"):
+        assert {p.name for p in (micro_repo / "models" / "export" / stage).iterdir()} == {
+            "image.onnx", "text.onnx", "model.json"}
     stage2 = runs["train_stage2"]
     assert stage2.data.params["train.lr"] == "0.001"
     assert "eval/i2i/mAP" in stage2.data.metrics and "train/loss" in stage2.data.metrics
@@ -122,7 +137,7 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     for stage in ("prepare", "clean_captions", "zeroshot", "clipreid_prompts"):
         assert f"Running stage '{stage}'" not in out
     for stage in ("train_stage2", "train_stage3", "train_stage4", "evaluate@stage2",
-                  "clipreid_image", "index", "report"):
+                  "clipreid_image", "index", "report", "register", "export"):
         assert f"Running stage '{stage}'" in out
     lrs = [r.data.params["train.lr"] for r in mlflow_runs(micro_repo)
            if r.data.tags["clipid.stage"] == "train_stage2"]

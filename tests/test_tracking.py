@@ -101,19 +101,23 @@ def test_a_run_holds_params_metrics_tags_and_artifacts(
 
 @pytest.mark.parametrize("upload", [True, False])
 def test_a_checkpoint_is_uploaded_unless_switched_off(store: Path, upload: bool) -> None:
-    weights = store / "models" / "stage2" / "model.safetensors"
-    weights.parent.mkdir(parents=True)
-    weights.write_bytes(b"weights")
-    weights.with_suffix(".json").write_text("{}")
+    from clipid.models.checkpoint import save_checkpoint
+    from clipid.models.factory import create_model
+
+    weights = save_checkpoint(create_model("clipid-vit-tiny").model.state_dict(),
+                              store / "models" / "stage2" / "model.safetensors",
+                              {"architecture": "clipid-vit-tiny"})
     params = params_from_dict({"mlflow": {"log_checkpoints": upload}})
     with Tracker(stage="train_stage2", params=params, run_name="stage2") as tracker:
         tracker.log_checkpoint(weights, 3.5)
         run_id = tracker.run_id
     run = client(store).get_run(run_id)
     assert run.data.metrics["train_seconds"] == 3.5
-    logged = sorted(a.path for a in client(store).list_artifacts(run_id, "checkpoint"))
-    assert logged == (["checkpoint/model.json", "checkpoint/model.safetensors"] if upload
-                      else ["checkpoint/model.json"])
+    logged = sorted(a.path for a in client(store).list_artifacts(run_id))
+    # The weights go up once, inside the MLflow Model (clipid.deploy), not as a loose file.
+    assert logged == (["checkpoint", "model"] if upload else ["checkpoint"])
+    assert [a.path for a in client(store).list_artifacts(run_id, "checkpoint")] == [
+        "checkpoint/model.json"]
 
 
 def test_the_git_commit_is_tagged(store: Path) -> None:

@@ -97,6 +97,18 @@ def _search(args: argparse.Namespace) -> None:
     print(f"grid: {args.grid}")
 
 
+def _register(args: argparse.Namespace) -> None:
+    from clipid.stages.register import register_stage
+
+    register_stage(load_params(args.params), args.stages)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from clipid.stages.export import export_stage
+
+    export_stage(load_params(args.params), args.stage, args.out)
+
+
 def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")  # main has checked the file, as before every command
 
@@ -114,6 +126,8 @@ COMMANDS = {
     "report": (_report, "compare every stage in metrics/report.md"),
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
+    "register": (_register, "move alias champion of clipid-image/-text to the best stage"),
+    "export": (_export, "write a stage's towers as ONNX (default: search.model.image/.text)"),
     "check-params": (_check_params, "validate params.yaml and exit"),
 }
 
@@ -145,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("stage", choices=TRAINED_STAGES, help="the stage")
         if name == "report":
             cmd.add_argument("stages", nargs="+", help="stages to compare, in order")
+        if name == "register":
+            cmd.add_argument("stages", nargs="+", help="stages that compete, in order")
+        if name == "export":
+            cmd.add_argument("stage", nargs="?", choices=("stage1", *TRAINED_STAGES),
+                             help="the stage (default: search.model.image and .text)")
+            cmd.add_argument("--out", type=Path, default=None,
+                             help="output folder (default: models/export/<stage>)")
         if name == "search":
             _search_arguments(cmd)
         cmd.set_defaults(func=func)

@@ -307,11 +307,25 @@ class Tracker:
 
     def log_checkpoint(self, checkpoint: Path, seconds: float) -> None:
         """What a training stage made: its training time, the sidecar and, unless
-        ``mlflow.log_checkpoints`` is false, the weights."""
+        ``mlflow.log_checkpoints`` is false, the weights as a registered MLflow Model."""
         self.log_metrics({"train_seconds": seconds})
-        if self.params.mlflow.log_checkpoints:
-            self.log_artifact(checkpoint, "checkpoint")
+        if self.params.mlflow.log_checkpoints and self.active:
+            from clipid.deploy.registry import holds_clip_model, log_checkpoint_model
+
+            if holds_clip_model(checkpoint):
+                self._call(log_checkpoint_model, self._client, self._run_id, checkpoint,
+                           self.run_name)
+            else:  # not a model (CLIP-ReID's prompts): the file itself
+                self.log_artifact(checkpoint, "checkpoint")
         self.log_artifact(sidecar_path(checkpoint), "checkpoint")
+
+    def log_model(self, clip: Any, stage: str) -> None:
+        """The MLflow Model of ``clip`` (clipid.deploy), registered as clipid-image/-text; the
+        weights go to the store once, inside it. Skipped with ``mlflow.log_checkpoints: false``."""
+        if self.params.mlflow.log_checkpoints and self.active:
+            from clipid.deploy.registry import log_stage_model
+
+            self._call(log_stage_model, self._client, self._run_id, clip, stage)
 
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
         self._call(lambda: self._client.log_dict(self._run_id, dictionary, artifact_file))

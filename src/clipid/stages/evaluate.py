@@ -63,6 +63,8 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     with Tracker(stage=dvc_stage, params=params, run_name=stage,
                  run_id=clip.metadata.get("run_id")) as tracker:
         tracker.log_metrics(eval_metrics(result.metrics))
+        if stage == PRETRAINED_STAGE:  # trained stages logged theirs when training
+            tracker.log_model(clip, stage)
         for path in (metrics_path, cmc_path, examples_path):
             tracker.log_artifact(path, "eval")
     return result
