@@ -90,6 +90,36 @@ def _search(args: argparse.Namespace) -> None:
     print(f"grid: {args.grid}")
 
 
+def _lineage(args: argparse.Namespace) -> None:
+    from clipid import tracking_spool
+    from clipid.lineage import lineage_lines, resolve_checkpoint
+    from clipid.models.checkpoint import file_sha256
+    from clipid.tracking import mlflow_client, store_root, tracking_uri
+
+    path = resolve_checkpoint(args.target)
+    uri = tracking_uri()
+    spooled = [e.record for e in tracking_spool.pending(store_root())]
+    lines, found = lineage_lines(mlflow_client(uri), file_sha256(path), str(path), spooled)
+    print(f"store {uri}")
+    print("\n".join(lines))
+    if not found:
+        raise ClipidError(f"{path}: no MLflow run in {uri} wrote these weights")
+
+
+def _tracking(args: argparse.Namespace) -> None:
+    from clipid.tracking import spool_status, sync_spool, tracking_uri
+
+    if args.action == "status":
+        lines = spool_status()
+        print("\n".join(lines) if lines else "no spooled MLflow runs")
+        return
+    for entry, run_id in sync_spool():
+        print(f"replayed {entry.record.run_name} ({entry.record.id}) as run {run_id} "
+              f"into {tracking_uri()}")
+    left = spool_status()
+    print(f"{len(left)} spooled run(s) left" + (" (still in progress)" if left else ""))
+
+
 def _check_params(args: argparse.Namespace) -> None:
     load_params(args.params)
     print(f"{args.params}: ok")
@@ -107,6 +137,10 @@ COMMANDS = {
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
     "check-params": (_check_params, "validate params.yaml and exit"),
+    "lineage": (_lineage, "the MLflow run, experiment, DVC experiment and commit that made a "
+                "checkpoint (a file, its folder or a stage name), found by its SHA-256"),
+    "tracking": (_tracking, "MLflow runs spooled while the store was down: status lists them, "
+                 "sync replays them into the store"),
 }
 
 TRAINED_STAGES = ("stage2", "stage3", "stage4", "clipreid")
@@ -138,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("stages", nargs="+", help="stages to compare, in order")
         if name == "search":
             _search_arguments(cmd)
+        if name == "lineage":
+            cmd.add_argument("target", help="models/stage2/model.safetensors, models/stage2 or "
+                             "stage2")
+        if name == "tracking":
+            cmd.add_argument("action", choices=("status", "sync"))
         cmd.set_defaults(func=func)
     return parser
 
@@ -150,7 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     except ClipidError as exc:
         print(f"clipid {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _say_untracked(args.command)
     return 0
+
+
+def _say_untracked(command: str) -> None:
+    """A run that could not be tracked is the last thing a stage says (a queue's log is read
+    from the end)."""
+    from clipid.tracking import UNTRACKED
+
+    for line in UNTRACKED:
+        print(f"clipid {command}: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":
