@@ -216,6 +216,7 @@ class Tracker:
         self._client: Any = None
         self._run_id: str | None = None
         self._resumed = False
+        self._offline = False
         self._warned_metrics = False
 
     @property
@@ -247,6 +248,7 @@ class Tracker:
             artifact_location=artifact_root(root).as_uri() if own_store else None,
             tags=self._tags(root),
             params={k: str(v)[:_MAX_PARAM_VALUE] for k, v in flatten_params(self.params).items()})
+        self._record.resume_run_id = self.resume_id
         if self.resume_checkpoint is not None:
             self._record.resume_checkpoint = file_sha256(self.resume_checkpoint)
         try:
@@ -268,14 +270,17 @@ class Tracker:
         _check_reachable(self.uri)
         client, record = self._client, self._record
         experiment_id = self._experiment_id(record)
-        _reap_dead_runs(client, experiment_id)
+        try:
+            _reap_dead_runs(client, experiment_id)
+        except Exception as error:  # housekeeping: never a reason to lose this run
+            log.warning("MLflow: looking for runs of dead processes failed (%s)", error)
         if self._resume(client, experiment_id):
             record.resume_run_id = self._run_id
             return
-        record.resume_run_id = record.resume_checkpoint = None  # a run of its own
         run = client.create_run(experiment_id, run_name=self.run_name, tags=record.tags,
                                 start_time=record.start_time)
         self._run_id = run.info.run_id
+        record.resume_run_id = record.resume_checkpoint = None  # a run of its own
 
     def _experiment_id(self, record: spool.RunRecord) -> str:
         return _get_or_create_experiment(self._client, record.experiment,
@@ -328,9 +333,19 @@ class Tracker:
         if self.active and not self._resumed:  # a reopened training run keeps its own status
             self._call(self._client.set_terminated, self._run_id, status=record.status,
                        end_time=record.end_time)
-        if self.spooled is not None:
-            self.spooled = spool.write(record, self._root)
+        if self._offline:
+            self._write_spool()
         self._run_id, self._record = None, None  # never swallow the exception: return None
+
+    def _write_spool(self) -> None:
+        try:
+            self.spooled = spool.write(self._record, self._root)
+        except OSError as error:  # a full disk: the run is lost, and that is said loudly
+            self.spooled = None
+            warnings.warn(f"MLflow run '{self.run_name}' is LOST: the store failed "
+                          f"({self._record.error}) and so did the spool ({error})", stacklevel=3)
+            UNTRACKED.append(f"MLflow run '{self.run_name}' LOST: neither the store "
+                             f"({self._record.error}) nor the spool ({error}) took it")
 
     def _go_offline(self, error: BaseException) -> None:
         """The store failed for good: keep the run in the spool, say so once."""
@@ -340,12 +355,13 @@ class Tracker:
             record.partial_run_id = self._run_id
             with contextlib.suppress(Exception):  # don't leave it RUNNING if we can help it
                 self._client.set_terminated(self._run_id, status="FAILED")
-        self._run_id = None
-        self.spooled = spool.write(record, self._root)
-        message = (f"MLflow tracking at {self.uri} failed ({record.error}); the run is "
-                   f"spooled to {self.spooled} and replayed by the next stage that reaches the "
-                   "store or by `clipid tracking sync`")
-        warnings.warn(message, stacklevel=3)
+        self._run_id, self._offline = None, True
+        self._write_spool()
+        if self.spooled is None:
+            return
+        warnings.warn(f"MLflow tracking at {self.uri} failed ({record.error}); the run is "
+                      f"spooled to {self.spooled} and replayed by the next stage that reaches "
+                      "the store or by `clipid tracking sync`", stacklevel=3)
         UNTRACKED.append(f"MLflow run '{self.run_name}' not tracked: spooled to {self.spooled} "
                          f"({record.error})")
 

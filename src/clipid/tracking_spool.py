@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from clipid.models.checkpoint import file_sha256
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunRecord", "SpoolEntry", "pending", "replay", "spool_dir", "sync", "write"]
 
@@ -187,7 +190,12 @@ def sync(client: Any, root: Path, experiment_id: Callable[[RunRecord], str],
         for entry in pending(root):
             if entry.live or (only_uri is not None and entry.record.uri != only_uri):
                 continue
-            done.append((entry, replay(client, entry, experiment_id)))
+            try:
+                done.append((entry, replay(client, entry, experiment_id)))
+            except Exception as error:  # it stays in the spool for the next try
+                log.warning("%s: replay failed (%s: %s); it stays in the spool", entry.path,
+                            type(error).__name__, error)
+                continue
             remove(entry)
     return done
 
