@@ -73,6 +73,23 @@ def test_runs_tag_their_weights_and_parent_and_the_line_is_followed_back(
     assert not found and "no run in the store" in "\n".join(lines)
 
 
+def test_clipreid_sidecars_name_their_parent_and_prompts(tmp_path: Path) -> None:
+    init = fake_checkpoint(tmp_path, "stage2", b"init", None)
+    prompts = tmp_path / "prompts.safetensors"
+    prompts.write_bytes(b"ctx")
+    prompts.with_suffix(".json").write_text(json.dumps({
+        "prompts": "learned", "init_model": {"weights": str(init), "sha256": file_sha256(init)}}))
+    assert checkpoint_tags(prompts)["clipid.parent.sha256"] == file_sha256(init)
+    image = tmp_path / "image.safetensors"
+    image.write_bytes(b"image")
+    image.with_suffix(".json").write_text(json.dumps({
+        "parent": "random", "parent_sha256": None,
+        "prompts": {"checkpoint": str(prompts), "sha256": file_sha256(prompts)}}))
+    tags = checkpoint_tags(image)
+    assert tags["clipid.prompts.sha256"] == file_sha256(prompts)
+    assert "clipid.parent.sha256" not in tags and tags["clipid.parent"] == "random"
+
+
 def test_a_checkpoint_is_named_by_file_folder_or_stage(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     weights = fake_checkpoint(tmp_path, "stage2", b"w", None)

@@ -117,7 +117,7 @@ def _tracking(args: argparse.Namespace) -> None:
         print(f"replayed {entry.record.run_name} ({entry.record.id}) as run {run_id} "
               f"into {tracking_uri()}")
     left = spool_status()
-    print(f"{len(left)} spooled run(s) left" + (" (still in progress)" if left else ""))
+    print(f"{len(left)} spooled run(s) left" + (": clipid tracking status" if left else ""))
 
 
 def _check_params(args: argparse.Namespace) -> None:

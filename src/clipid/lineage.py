@@ -25,16 +25,22 @@ def checkpoint_tags(checkpoint: Path) -> dict[str, str]:
     """The tags that tie a training run to its weights: their SHA-256 and path, and the
     parent's SHA-256 (the checkpoint it started from; none for pretrained weights)."""
     meta = json.loads(sidecar_path(checkpoint).read_text(encoding="utf-8"))
-    init = meta.get("init_model") or {}                         # CLIP-ReID's prompts
+    init = _mapping(meta.get("init_model"))                     # CLIP-ReID's prompts
     tags = {CHECKPOINT_TAG: file_sha256(checkpoint), "clipid.checkpoint.path": str(checkpoint),
             "clipid.parent": str(meta.get("parent") or init.get("weights") or "")}
     parent = meta.get("parent_sha256") or init.get("sha256")
     if parent:
         tags[PARENT_TAG] = parent
-    prompts = (meta.get("prompts") or {}).get("sha256")        # CLIP-ReID's image stage
+    prompts = _mapping(meta.get("prompts")).get("sha256")       # CLIP-ReID's image stage
     if prompts:
         tags["clipid.prompts.sha256"] = prompts
     return {k: v for k, v in tags.items() if v}
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A sidecar entry that is a mapping in one stage's sidecar and a string in another's
+    (``prompts``: the prompt kind in the prompts' sidecar, the prompts' file in the image's)."""
+    return value if isinstance(value, dict) else {}
 
 
 def resolve_checkpoint(target: str | Path, models_dir: Path = Path("models")) -> Path:
