@@ -3,15 +3,28 @@ dvc.lock and metrics/, and a clone that shares the DVC cache checks out instead 
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_pipeline import MICRO, REPO, _merge, sh
+from test_pipeline import MICRO, REPO, _merge
+
+from conftest import VENV_BIN
 
 TRAINING = ("train_stage2", "train_stage3", "train_stage4", "clipreid_prompts", "clipreid_image")
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    """test_pipeline's ``sh`` with room for a whole ``dvc repro`` on a busy machine."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
 
 
 def clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:
@@ -46,7 +59,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cache = base / "shared-cache"
     first = clone(origin, base / "first", cache)
     sh(first, "dvc", "repro")
-    sh(first, "git", "add", "dvc.lock", "metrics")
+    sh(first, "git", "add", "-A")  # dvc.lock, metrics/ and the .gitignore files DVC wrote
     sh(first, "git", "commit", "-qm", "repro")
     sh(first, "git", "push", "-q", "origin", "HEAD")
     return origin, cache

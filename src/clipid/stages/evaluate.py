@@ -63,8 +63,10 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     with Tracker(stage=dvc_stage, params=params, run_name=stage,
                  checkpoint=checkpoint) as tracker:
         tracker.log_metrics({**eval_metrics(result.metrics), "eval_seconds": seconds})
-        for path in (metrics_path, cmc_path, examples_path):
-            tracker.log_artifact(path, "eval")
+        # Three files of one name: in one folder each would overwrite the one before.
+        for path, folder in ((metrics_path, "eval"), (cmc_path, "eval/cmc"),
+                             (examples_path, "eval/examples")):
+            tracker.log_artifact(path, folder)
     return result
 
 
