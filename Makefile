@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/export.py
+	$(BIN)/python bench/tracking.py
 
 # The MLflow UI on this repository's store (the one every stage and experiment logs to).
 UI_PORT ?= 5000

@@ -109,6 +109,36 @@ def _export(args: argparse.Namespace) -> None:
     export_stage(load_params(args.params), args.stage, args.out)
 
 
+def _lineage(args: argparse.Namespace) -> None:
+    from clipid import tracking_spool
+    from clipid.lineage import lineage_lines, resolve_checkpoint
+    from clipid.models.checkpoint import file_sha256
+    from clipid.tracking import mlflow_client, store_root, tracking_uri
+
+    path = resolve_checkpoint(args.target)
+    uri = tracking_uri()
+    spooled = [e.record for e in tracking_spool.pending(store_root())]
+    lines, found = lineage_lines(mlflow_client(uri), file_sha256(path), str(path), spooled)
+    print(f"store {uri}")
+    print("\n".join(lines))
+    if not found:
+        raise ClipidError(f"{path}: no MLflow run in {uri} wrote these weights")
+
+
+def _tracking(args: argparse.Namespace) -> None:
+    from clipid.tracking import spool_status, sync_spool, tracking_uri
+
+    if args.action == "status":
+        lines = spool_status()
+        print("\n".join(lines) if lines else "no spooled MLflow runs")
+        return
+    for entry, run_id in sync_spool():
+        print(f"replayed {entry.record.run_name} ({entry.record.id}) as run {run_id} "
+              f"into {tracking_uri()}")
+    left = spool_status()
+    print(f"{len(left)} spooled run(s) left" + (": clipid tracking status" if left else ""))
+
+
 def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")  # main has checked the file, as before every command
 
@@ -129,6 +159,10 @@ COMMANDS = {
     "register": (_register, "move alias champion of clipid-image/-text to the best stage"),
     "export": (_export, "write a stage's towers as ONNX (default: search.model.image/.text)"),
     "check-params": (_check_params, "validate params.yaml and exit"),
+    "lineage": (_lineage, "the MLflow run, experiment, DVC experiment and commit that made a "
+                "checkpoint (a file, its folder or a stage name), found by its SHA-256"),
+    "tracking": (_tracking, "MLflow runs spooled while the store was down: status lists them, "
+                 "sync replays them into the store"),
 }
 
 TRAINED_STAGES = ("stage2", "stage3", "stage4", "clipreid")
@@ -168,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="output folder (default: models/export/<stage>)")
         if name == "search":
             _search_arguments(cmd)
+        if name == "lineage":
+            cmd.add_argument("target", help="models/stage2/model.safetensors, models/stage2 or "
+                             "stage2")
+        if name == "tracking":
+            cmd.add_argument("action", choices=("status", "sync"))
         cmd.set_defaults(func=func)
     return parser
 
@@ -188,7 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"clipid {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _say_untracked(args.command)
     return 0
+
+
+def _say_untracked(command: str) -> None:
+    """A run that could not be tracked is the last thing a stage says (a queue's log is read
+    from the end)."""
+    from clipid.tracking import UNTRACKED
+
+    for line in UNTRACKED:
+        print(f"clipid {command}: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,16 @@ artifacts in ``<root>/mlruns``. ``<root>`` is ``DVC_ROOT``, which DVC sets for e
 command and points at the workspace also for ``dvc exp run --temp`` and queued experiments that
 run in a copy of the repository, so their runs land in the workspace's store.
 
-Tracking never stops the pipeline: a store that cannot be reached, or any error from MLflow,
-gives one warning and the stage goes on untracked.
+Tracking never stops the pipeline, and never loses a run. Every store call is retried with
+backoff; when the store still cannot be written (server down, file locked, disk full), the run
+goes on in the local spool ``<root>/.clipid/spool`` (:mod:`clipid.tracking_spool`), one warning
+says so, and so does the stage's last output line (``UNTRACKED``, printed by the CLI). The next
+stage that reaches the same store replays it; ``clipid tracking sync`` does on demand.
+
+A SQLite store is made safe for parallel stages (``dvc queue start -j N``): its schema is
+created under an exclusive file lock (``mlflow.db.lock``), it runs in WAL mode, and MLflow's own
+20 s busy timeout plus the retries ride out a busy writer. A run its process left RUNNING (killed,
+out of memory) is marked FAILED by the next stage on the same host.
 
 Everything goes through an explicit ``MlflowClient``, never MLflow's fluent API: that API keeps
 a process-wide active run and exports ``MLFLOW_TRACKING_URI`` into ``os.environ``, which would
@@ -16,32 +24,41 @@ leak one store into the next ``Tracker`` of the same process (tests, notebooks).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
+import random
 import re
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
 
+from clipid import tracking_spool as spool
 from clipid.config import Params, flatten_params
-from clipid.models.checkpoint import sidecar_path
+from clipid.models.checkpoint import file_sha256, sidecar_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPERIMENT", "Tracker", "find_runs", "store_root", "tracking_uri", "ui_command"]
+__all__ = ["EXPERIMENT", "UNTRACKED", "Tracker", "checkpoint_run", "find_runs", "mlflow_client",
+           "spool_status", "store_root", "sync_spool",
+           "tracking_uri", "ui_command", "with_retries"]
 
 EXPERIMENT = "clipid"
 _MAX_PARAMS_PER_CALL = 100     # MLflow's log_batch limit for params
 _MAX_METRICS_PER_CALL = 1000   # ... and for metrics
 _MAX_PARAM_VALUE = 6000        # longest param value MLflow stores
 _CONNECT_TIMEOUT_S = 3.0       # up-front reachability probe of an HTTP server
+_RETRIES = 4                   # retries of a failed store call before the run is spooled ...
+_BACKOFF_S = 0.1               # ... after ~0.1, 0.3, 0.9, 2.7 s (times a jitter of 0.5-1.5)
 # Quiet and quick by default; a user's own settings win. MLflow otherwise retries an
 # unreachable server for minutes (7 retries with backoff, 120 s timeout each).
 _ENV_DEFAULTS = {
@@ -82,12 +99,51 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
-def _mlflow_client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from mlflow import MlflowClient  # slow to import (~2-3 s): only stages that track pay
 
-    return MlflowClient(tracking_uri=uri)
+    path = _sqlite_path(uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    # MLflow's SqlAlchemyStore creates the schema unguarded when it finds tables missing: two
+    # processes on a new store both create them and one dies ("table runs already exists").
+    # Creating the client under an exclusive lock lets the first one create the schema alone.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(path.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # WAL (a property of the file, kept once set): readers don't block the writer.
+            with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
+            return MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def with_retries(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried with exponential backoff and jitter; the last error is
+    raised. SQLite answers "database is locked" when another writer outlasts its busy timeout
+    (MLflow sets 20 s), a server may be restarting: both pass on retry."""
+    for attempt in range(_RETRIES + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if attempt == _RETRIES:
+                raise
+            delay = _BACKOFF_S * 3 ** attempt * (0.5 + random.random())
+            log.debug("MLflow call failed (%s); retrying in %.1f s", error, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _check_reachable(uri: str) -> None:
@@ -134,34 +190,47 @@ def _get_or_create_experiment(client: Any, name: str, location: str | None) -> s
 class Tracker:
     """One MLflow run, as a context manager.
 
-    ``run_id`` reopens an existing run instead of starting one (the evaluation stage logs into
-    the run that trained the model); a reopened run keeps its status and its params. Every
-    method is a no-op once tracking has failed, after a single warning, and when ``enabled``
-    is false (the processes other than rank 0 of a distributed run).
+    ``run_id`` reopens an existing run instead of starting one; ``checkpoint`` reopens the run
+    that wrote those weights, found by their SHA-256 (the evaluation stage logs into the run
+    that trained the model). A reopened run keeps its status and its params. Nothing is
+    logged when ``enabled`` is false (the processes other than rank 0 of a distributed run).
+
+    Every store call is retried; when one still fails, the run goes on in the local spool
+    (:mod:`clipid.tracking_spool`) with everything it logged so far, and is replayed later.
     """
 
     def __init__(self, stage: str, params: Params, run_name: str | None = None,
                  tags: dict[str, str] | None = None, run_id: str | None = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, checkpoint: Path | None = None) -> None:
         self.stage = stage
         self.enabled = enabled
         self.params = params
         self.run_name = run_name or stage
         self.extra_tags = dict(tags or {})
         self.resume_id = run_id
+        self.resume_checkpoint = checkpoint
         self.uri = ""
+        self.spooled: Path | None = None   # where the run went when the store failed
+        self._root = Path()
+        self._record: spool.RunRecord | None = None
         self._client: Any = None
         self._run_id: str | None = None
         self._resumed = False
+        self._offline = False
         self._warned_metrics = False
 
     @property
     def run_id(self) -> str | None:
+        """The run in the store (None when spooled or disabled)."""
         return self._run_id
 
     @property
     def active(self) -> bool:
         return self._run_id is not None
+
+    @property
+    def recording(self) -> bool:
+        return self._record is not None
 
     # ---------------------------------------------------------------------------------------
     # start and end
@@ -169,74 +238,140 @@ class Tracker:
     def __enter__(self) -> Tracker:
         if not self.enabled:
             return self
-        root = store_root()
+        self._root = root = store_root()
         self.uri = tracking_uri(root)
+        own_store = not os.environ.get("MLFLOW_TRACKING_URI")
+        self._record = spool.RunRecord(
+            uri=self.uri, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
+            run_name=self.run_name,
+            # Our own store keeps artifacts beside mlflow.db; a user's store uses its default.
+            artifact_location=artifact_root(root).as_uri() if own_store else None,
+            tags=self._tags(root),
+            params={k: str(v)[:_MAX_PARAM_VALUE] for k, v in flatten_params(self.params).items()})
+        self._record.resume_run_id = self.resume_id
+        if self.resume_checkpoint is not None:
+            self._record.resume_checkpoint = file_sha256(self.resume_checkpoint)
         try:
-            self._start(root)
-        except Exception as error:  # any tracking failure: the stage goes on untracked
-            self._disable(error)
+            self._client = with_retries(mlflow_client, self.uri)
+            with_retries(self._open_run)
+        except Exception as error:  # the store can't be written: the run goes to the spool
+            self._go_offline(error)
+            return self
+        if self._resumed:
+            self._call(self._log_batch, tags={"clipid.eval_stage": self.stage, **self.extra_tags})
+        else:
+            self._call(self._log_batch, params=self._record.params)
+        if self.active:
+            self._replay_spool()
         return self
 
-    def _start(self, root: Path) -> None:
+    def _open_run(self) -> None:
+        """Reopen or create the run (retried as a whole: nothing here is logged twice)."""
         _check_reachable(self.uri)
-        self._client = client = _mlflow_client(self.uri)
-        if self.resume_id and self._resume(client):
-            self._set_tags({"clipid.eval_stage": self.stage, **self.extra_tags})
+        client, record = self._client, self._record
+        experiment_id = self._experiment_id(record)
+        try:
+            _reap_dead_runs(client, experiment_id)
+        except Exception as error:  # housekeeping: never a reason to lose this run
+            log.warning("MLflow: looking for runs of dead processes failed (%s)", error)
+        if self._resume(client, experiment_id):
+            record.resume_run_id = self._run_id
             return
-        own_store = not os.environ.get("MLFLOW_TRACKING_URI")
-        # Our own store keeps artifacts beside mlflow.db; a user's store uses its own default.
-        location = artifact_root(root).as_uri() if own_store else None
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
-        experiment_id = _get_or_create_experiment(client, name, location)
-        run = client.create_run(experiment_id, run_name=self.run_name, tags=self._tags(root))
+        run = client.create_run(experiment_id, run_name=self.run_name, tags=record.tags,
+                                start_time=record.start_time)
         self._run_id = run.info.run_id
-        self._log_params()
+        record.resume_run_id = record.resume_checkpoint = None  # a run of its own
 
-    def _resume(self, client: Any) -> bool:
+    def _experiment_id(self, record: spool.RunRecord) -> str:
+        return _get_or_create_experiment(self._client, record.experiment,
+                                         record.artifact_location)
+
+    def _resume(self, client: Any, experiment_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
-        try:
-            run = client.get_run(self.resume_id)
-        except MlflowException:
-            run = None
+        run = None
+        if self.resume_id:
+            try:
+                run = client.get_run(self.resume_id)
+            except MlflowException:
+                run = None
+        elif self._record.resume_checkpoint:
+            run = checkpoint_run(client, [experiment_id], self._record.resume_checkpoint)
         if run is None or run.info.lifecycle_stage != "active":
-            # A checkpoint trained against another store: log into a run of its own.
-            log.warning("MLflow run %s is not in %s; starting a new run", self.resume_id,
-                        self.uri)
+            if self.resume_id or self.resume_checkpoint:
+                # Weights trained against another store: log into a run of its own.
+                log.warning("no MLflow run of %s in %s; starting a new run",
+                            self.resume_id or self.resume_checkpoint, self.uri)
             return False
         self._run_id, self._resumed = run.info.run_id, True
         return True
 
+    def _replay_spool(self) -> None:
+        """Runs spooled earlier for this store go in now (unless another process is at it)."""
+        try:
+            done = spool.sync(self._client, self._root, self._experiment_id,
+                              only_uri=self.uri, wait=False)
+        except Exception as error:  # the spool stays for `clipid tracking sync`
+            log.warning("replaying spooled MLflow runs failed (%s: %s); they stay in %s",
+                        type(error).__name__, error, spool.spool_dir(self._root))
+            return
+        for entry, run_id in done:
+            log.info("MLflow: replayed spooled run %s as %s", entry.record.run_name, run_id)
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if not self.active:
+        record = self._record
+        if record is None:
             return
-        if not self._resumed:  # a reopened training run keeps its own status
-            if exc_type is None:
-                status = "FINISHED"
-            elif issubclass(exc_type, KeyboardInterrupt):
-                status = "KILLED"
-            else:
-                status = "FAILED"
-            self._call(self._client.set_terminated, self._run_id, status=status)
-        self._run_id = None  # never swallow the exception: return None
+        if exc_type is None:
+            record.status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            record.status = "KILLED"
+        else:
+            record.status = "FAILED"
+        record.end_time = spool.now_ms()
+        if self.active and not self._resumed:  # a reopened training run keeps its own status
+            self._call(self._client.set_terminated, self._run_id, status=record.status,
+                       end_time=record.end_time)
+        if self._offline:
+            self._write_spool()
+        self._run_id, self._record = None, None  # never swallow the exception: return None
 
-    def _disable(self, error: BaseException) -> None:
-        warnings.warn(f"MLflow tracking at {self.uri} failed ({type(error).__name__}: "
-                      f"{error}); the stage goes on without tracking", stacklevel=3)
-        run_id, self._run_id = self._run_id, None
-        if run_id is not None and not self._resumed:
-            # Best effort: don't leave a half-logged run RUNNING forever.
-            with contextlib.suppress(Exception):
-                self._client.set_terminated(run_id, status="FAILED")
+    def _write_spool(self) -> None:
+        try:
+            self.spooled = spool.write(self._record, self._root)
+        except OSError as error:  # a full disk: the run is lost, and that is said loudly
+            self.spooled = None
+            warnings.warn(f"MLflow run '{self.run_name}' is LOST: the store failed "
+                          f"({self._record.error}) and so did the spool ({error})", stacklevel=3)
+            UNTRACKED.append(f"MLflow run '{self.run_name}' LOST: neither the store "
+                             f"({self._record.error}) nor the spool ({error}) took it")
+
+    def _go_offline(self, error: BaseException) -> None:
+        """The store failed for good: keep the run in the spool, say so once."""
+        record = self._record
+        record.error = f"{type(error).__name__}: {error}"
+        if self._run_id is not None and not self._resumed:
+            record.partial_run_id = self._run_id
+            with contextlib.suppress(Exception):  # don't leave it RUNNING if we can help it
+                self._client.set_terminated(self._run_id, status="FAILED")
+        self._run_id, self._offline = None, True
+        self._write_spool()
+        if self.spooled is None:
+            return
+        warnings.warn(f"MLflow tracking at {self.uri} failed ({record.error}); the run is "
+                      f"spooled to {self.spooled} and replayed by the next stage that reaches "
+                      "the store or by `clipid tracking sync`", stacklevel=3)
+        UNTRACKED.append(f"MLflow run '{self.run_name}' not tracked: spooled to {self.spooled} "
+                         f"({record.error})")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         if not self.active:
             return
         try:
-            fn(*args, **kwargs)
+            with_retries(fn, *args, **kwargs)
         except Exception as error:
-            self._disable(error)
+            self._go_offline(error)
 
     # ---------------------------------------------------------------------------------------
     # what a run holds
@@ -246,6 +381,8 @@ class Tracker:
         commit = _git_commit(root)
         tags = {
             "clipid.stage": self.stage,
+            "clipid.host": socket.gethostname(),
+            "clipid.pid": str(os.getpid()),
             "dvc.stage": os.environ.get("DVC_STAGE", ""),
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
@@ -257,27 +394,40 @@ class Tracker:
         }
         return {**{k: v for k, v in tags.items() if v}, **self.extra_tags}
 
-    def _log_params(self) -> None:
-        from mlflow.entities import Param
+    def _log_batch(self, params: dict[str, str] | None = None, tags: dict[str, Any] | None = None,
+                   metrics: list[list] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
 
-        flat = [Param(key, str(value)[:_MAX_PARAM_VALUE])
-                for key, value in sorted(flatten_params(self.params).items())]
-        for start in range(0, len(flat), _MAX_PARAMS_PER_CALL):
-            self._client.log_batch(self._run_id, params=flat[start:start + _MAX_PARAMS_PER_CALL])
-
-    def _set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self._client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        params_list = [Param(k, v) for k, v in sorted((params or {}).items())]
+        for start in range(0, len(params_list), _MAX_PARAMS_PER_CALL):
+            self._client.log_batch(self._run_id,
+                                   params=params_list[start:start + _MAX_PARAMS_PER_CALL])
+        metric_list = [Metric(k, v, t, s) for k, v, t, s in metrics or []]
+        for start in range(0, len(metric_list), _MAX_METRICS_PER_CALL):
+            self._client.log_batch(self._run_id,
+                                   metrics=metric_list[start:start + _MAX_METRICS_PER_CALL])
+        if tags:
+            self._client.log_batch(self._run_id,
+                                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._call(self._set_tags, tags)
+        if not self.recording:
+            return
+        self._record.tags.update({k: str(v) for k, v in tags.items()})
+        self._call(self._log_batch, tags=tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log numeric metrics; NaN, inf and non-numbers are skipped (MLflow's UI can't plot
         them and a stray string must not stop training)."""
-        if not self.active:
+        if not self.recording:
             return
+        now = spool.now_ms()
+        batch = [[key, value, now, step or 0] for key, value in self._clean(metrics).items()]
+        if batch:
+            self._record.metrics.extend(batch)
+            self._call(self._log_batch, metrics=batch)
+
+    def _clean(self, metrics: dict[str, float]) -> dict[str, float]:
         clean: dict[str, float] = {}
         for key, value in metrics.items():
             try:
@@ -290,34 +440,47 @@ class Tracker:
                 self._warned_metrics = True
                 log.warning("not logging metric %r = %r to MLflow (not a finite number)",
                             key, value)
-        if clean:
-            self._call(self._log_metrics, clean, step)
+        return clean
 
-    def _log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step or 0) for k, v in metrics.items()]
-        for start in range(0, len(batch), _MAX_METRICS_PER_CALL):
-            self._client.log_batch(self._run_id,
-                                   metrics=batch[start:start + _MAX_METRICS_PER_CALL])
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call(lambda: self._client.log_artifact(self._run_id, str(path), artifact_path))
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None,
+                     sha256: str | None = None) -> None:
+        """Log a file (``sha256``: its hash when known, saves reading it again). A missing file
+        is the caller's mistake, not the store's: one warning, and the run goes on."""
+        if not self.recording:
+            return
+        if not Path(path).is_file():
+            log.warning("not logging artifact %s to MLflow: no such file", path)
+            return
+        self._record.add_artifact(Path(path), artifact_path, sha256)
+        self._call(self._client.log_artifact, self._run_id, str(path), artifact_path)
 
     def log_checkpoint(self, checkpoint: Path, seconds: float) -> None:
-        """What a training stage made: its training time, the sidecar and, unless
-        ``mlflow.log_checkpoints`` is false, the weights as a registered MLflow Model."""
-        self.log_metrics({"train_seconds": seconds})
-        if self.params.mlflow.log_checkpoints and self.active:
-            from clipid.deploy.registry import holds_clip_model, log_checkpoint_model
+        """What a training stage made: its training time, the hashes that make its lineage
+        (``clipid lineage``), the sidecar and, unless ``mlflow.log_checkpoints`` is false, the
+        weights."""
+        if not self.recording:
+            return
+        from clipid.lineage import checkpoint_tags
 
-            if holds_clip_model(checkpoint):
-                self._call(log_checkpoint_model, self._client, self._run_id, checkpoint,
-                           self.run_name)
-            else:  # not a model (CLIP-ReID's prompts): the file itself
-                self.log_artifact(checkpoint, "checkpoint")
+        tags = checkpoint_tags(checkpoint)
+        self.set_tags(tags)
+        self.log_metrics({"train_seconds": seconds})
+        if self.params.mlflow.log_checkpoints:
+            self._log_weights(checkpoint, tags[spool.CHECKPOINT_TAG])
         self.log_artifact(sidecar_path(checkpoint), "checkpoint")
+
+    def _log_weights(self, checkpoint: Path, sha256: str) -> None:
+        """A CLIP model goes up as its registered MLflow Model (the weights once, inside it).
+        Other checkpoints (CLIP-ReID's prompts), and any once the store is out of reach, go as
+        the file, which the spool keeps for replay."""
+        from clipid.deploy.registry import holds_clip_model, log_checkpoint_model
+
+        if not (self.active and holds_clip_model(checkpoint)):
+            self.log_artifact(checkpoint, "checkpoint", sha256=sha256)
+            return
+        self._call(log_checkpoint_model, self._client, self._run_id, checkpoint, self.run_name)
+        if not self.active:  # the store failed during the upload: the spooled run keeps the file
+            self._record.add_artifact(checkpoint, "checkpoint", sha256)
 
     def log_model(self, clip: Any, stage: str) -> None:
         """The MLflow Model of ``clip`` (clipid.deploy), registered as clipid-image/-text; the
@@ -328,15 +491,49 @@ class Tracker:
             self._call(log_stage_model, self._client, self._run_id, clip, stage)
 
     def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
-        self._call(lambda: self._client.log_dict(self._run_id, dictionary, artifact_file))
+        if self.recording:
+            self._record.texts.append({"artifact_file": artifact_file, "dict": dictionary})
+            self._call(self._client.log_dict, self._run_id, dictionary, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._call(lambda: self._client.log_text(self._run_id, text, artifact_file))
+        if self.recording:
+            self._record.texts.append({"artifact_file": artifact_file, "text": text})
+            self._call(self._client.log_text, self._run_id, text, artifact_file)
+
+
+UNTRACKED: list[str] = []  # what this process could not track; the CLI's last output lines
+
+
+def checkpoint_run(client: Any, experiment_ids: list[str], sha256: str) -> Any | None:
+    """The newest active run that wrote weights of this SHA-256; in ``dvc exp run``, one of the
+    same DVC experiment first (identical weights can come from several runs)."""
+    runs = client.search_runs(experiment_ids, f"tags.`{spool.CHECKPOINT_TAG}` = '{sha256}'",
+                              order_by=["attributes.start_time DESC"])
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    same = [r for r in runs if exp_name and r.data.tags.get("dvc.exp_name") == exp_name]
+    return (same or runs or [None])[0]
+
+
+def _reap_dead_runs(client: Any, experiment_id: str) -> None:
+    """Runs of this host left RUNNING by a process that is gone (killed, out of memory)
+    end FAILED, so that no run stays RUNNING forever."""
+    from mlflow.entities import RunTag
+
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING' and "
+                              f"tags.`clipid.host` = '{host}'")
+    for run in runs:
+        pid = run.data.tags.get("clipid.pid", "")
+        if pid.isdigit() and not spool.pid_alive(int(pid), host):
+            log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone: "
+                        "marking it FAILED", run.info.run_id, run.info.run_name, pid)
+            client.log_batch(run.info.run_id, tags=[RunTag("clipid.ended", "process died")])
+            client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def find_runs(stage: str | None = None, root: Path | None = None) -> list[Any]:
     """Runs of the clipid experiment in this repository's store, newest first."""
-    client = _mlflow_client(tracking_uri(root))
+    client = mlflow_client(tracking_uri(root))
     experiment = client.get_experiment_by_name(
         os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
     if experiment is None:
@@ -344,3 +541,34 @@ def find_runs(stage: str | None = None, root: Path | None = None) -> list[Any]:
     query = f"tags.`clipid.stage` = '{stage}'" if stage else ""
     return list(client.search_runs([experiment.experiment_id], filter_string=query,
                                    order_by=["attributes.start_time DESC"]))
+
+
+def sync_spool(root: Path | None = None) -> list[tuple[spool.SpoolEntry, str]]:
+    """``clipid tracking sync``: replay every pending spooled run into the current store
+    (``MLFLOW_TRACKING_URI`` or this repository's), whichever store it was meant for."""
+    root = root or store_root()
+    uri = tracking_uri(root)
+    _check_reachable(uri)
+    client = with_retries(mlflow_client, uri)
+
+    def experiment_id(record: spool.RunRecord) -> str:
+        # A run meant for another store gets this store's artifact location, not that one's.
+        location = record.artifact_location if record.uri == uri else None
+        if location is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+            location = artifact_root(root).as_uri()
+        return _get_or_create_experiment(client, record.experiment, location)
+
+    return spool.sync(client, root, experiment_id)
+
+
+def spool_status(root: Path | None = None) -> list[str]:
+    """``clipid tracking status``: one line per pending spooled run."""
+    lines = []
+    for entry in spool.pending(root or store_root()):
+        record = entry.record
+        state = "in progress" if entry.live else record.status
+        lines.append(f"{record.id}  {spool.format_time(record.start_time)}  {record.run_name:<16} "
+                     f"{state:<11}  {len(record.metrics):>5} metric values  "
+                     f"{len(record.artifacts):>2} artifacts  meant for {record.uri}  "
+                     f"({record.error})")
+    return lines

@@ -2,7 +2,7 @@
 
 Loading reads only tensors and JSON, so a checkpoint file cannot execute code (unlike a pickled
 ``.pt``). The sidecar says what the weights are: architecture, stage, parent checkpoint, params
-and the tracking run that produced them.
+and no tracking run id: the MLflow run tags the weights' SHA-256 instead (``clipid lineage``).
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ def prompts_stage(params: Params, prepared: Path = Path("data/prepared"),
         with Tracker(stage=PROMPTS_STAGE, params=params, run_name=PROMPTS_STAGE) as tracker:
             result = learn_prompts(
                 params, device=device, prepared=prepared, models_dir=models_dir,
-                on_log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
-                run_id=tracker.run_id)
+                on_log=lambda metrics, step: tracker.log_metrics(metrics, step=step))
             tracker.log_checkpoint(result.checkpoint, result.seconds)
     finally:
         teardown_runtime()

@@ -39,18 +39,17 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
                    ) -> EvalResult:
     """Evaluate one stage's model and log the figures to MLflow.
 
-    A trained model's figures go into the MLflow run that trained it (its id is in the
-    checkpoint's sidecar); Stage 1 has no training run, so it gets a run of its own.
+    A trained model's figures go into the MLflow run that trained it (found by the SHA-256 of
+    the checkpoint); Stage 1 has no training run, so it gets a run of its own. The evaluation
+    time goes to MLflow only: metrics/ are DVC outputs and must not change between reruns.
     """
     device = setup_runtime(params.runtime)
     clip = model_for_stage(params, stage, device, models_dir)
     data = PreparedData.load(prepared)
     start = time.perf_counter()
     result = evaluate(clip, data, params.eval, device=device)
-    extra = {"model": {"architecture": clip.architecture, "weights": clip.weights},
-             "eval_seconds": round(time.perf_counter() - start, 1)}
-    if "train_seconds" in clip.metadata:
-        extra["train_seconds"] = clip.metadata["train_seconds"]
+    seconds = time.perf_counter() - start
+    extra = {"model": {"architecture": clip.architecture, "weights": clip.weights}}
     metrics_path = metrics_dir / f"{stage}.json"
     cmc_path = metrics_dir / "cmc" / f"{stage}.json"
     examples_path = metrics_dir / "examples" / f"{stage}.json"
@@ -60,13 +59,16 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
 
     dvc_stage = "zeroshot" if stage == PRETRAINED_STAGE else f"evaluate@{stage}"
+    checkpoint = None if stage == PRETRAINED_STAGE else checkpoint_path(stage, models_dir)
     with Tracker(stage=dvc_stage, params=params, run_name=stage,
-                 run_id=clip.metadata.get("run_id")) as tracker:
-        tracker.log_metrics(eval_metrics(result.metrics))
+                 checkpoint=checkpoint) as tracker:
+        tracker.log_metrics({**eval_metrics(result.metrics), "eval_seconds": seconds})
         if stage == PRETRAINED_STAGE:  # trained stages logged theirs when training
             tracker.log_model(clip, stage)
-        for path in (metrics_path, cmc_path, examples_path):
-            tracker.log_artifact(path, "eval")
+        # Three files of one name: in one folder each would overwrite the one before.
+        for path, folder in ((metrics_path, "eval"), (cmc_path, "eval/cmc"),
+                             (examples_path, "eval/examples")):
+            tracker.log_artifact(path, folder)
     return result
 
 

@@ -41,7 +41,7 @@ def register_stage(params: Params, stages: list[str], metrics_dir: Path = Path("
     uri = tracking.tracking_uri()
     try:
         tracking._check_reachable(uri)
-        client = tracking._mlflow_client(uri)
+        client = tracking.mlflow_client(uri)
         moved = move_champions(client, champions, digests)
     except Exception as error:  # noqa: BLE001 - the registry must not stop the pipeline
         print(f"register: the MLflow store at {uri} could not be reached or failed "

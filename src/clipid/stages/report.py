@@ -73,16 +73,14 @@ def _cell(block: dict[str, float], key: str) -> str:
 def report_table(params: Params, stages: list[str], metrics: dict[str, dict]) -> str:
     """The Markdown table of every stage (percentages; ± the std over query/gallery draws)."""
     lines = ["| stage | what it trains | i2i R1 | i2i R5 | i2i R10 | i2i mAP | t2i R1 "
-             "| t2i mAP | train time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| t2i mAP |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for stage in stages:
         m = metrics[stage]
         i2i, t2i = m.get("i2i", {}), m.get("t2i", {})
-        seconds = m.get("train_seconds")
-        time_cell = f"{seconds:.0f} s" if seconds is not None else "–"
         lines.append(f"| {stage} | {describe_stage(params, stage)} | {_cell(i2i, 'R1')} "
                      f"| {_cell(i2i, 'R5')} | {_cell(i2i, 'R10')} | {_cell(i2i, 'mAP')} "
-                     f"| {_cell(t2i, 'R1')} | {_cell(t2i, 'mAP')} | {time_cell} |")
+                     f"| {_cell(t2i, 'R1')} | {_cell(t2i, 'mAP')} |")
     return "\n".join(lines)
 
 

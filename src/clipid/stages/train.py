@@ -39,7 +39,7 @@ def train_stage(params: Params, stage: str, prepared: Path = Path("data/prepared
             trainer = Trainer(params, stage, device=device, prepared=prepared,
                               models_dir=models_dir,
                               on_log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
-                              run_id=tracker.run_id, **extra)
+                              **extra)
             result = trainer.fit()
             tracker.log_checkpoint(result.checkpoint, result.seconds)
     finally:

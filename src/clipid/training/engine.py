@@ -151,7 +151,7 @@ class Trainer:
                  prepared: Path = Path("data/prepared"), models_dir: Path = Path("models"),
                  resume_dir: Path | None = None,
                  on_log: Callable[[dict[str, float], int], None] | None = None,
-                 run_id: str | None = None, spec: StageParams | None = None,
+                 spec: StageParams | None = None,
                  text_classifier: TextClassifier | None = None,
                  metadata: dict[str, Any] | None = None):
         self.params, self.stage, self.device = params, stage, device
@@ -164,7 +164,6 @@ class Trainer:
         self.out_path = models_dir / stage / "model.safetensors"
         self.resume_dir = resume_dir or Path(".clipid") / "resume" / stage
         self.on_log = on_log or (lambda metrics, step: None)
-        self.run_id = run_id
         self.rank, self.world_size = world_info()
         self.data = PreparedData.load(prepared)
         self._check_spec()
@@ -465,9 +464,10 @@ class Trainer:
                 weights.update({f"heads.{k}": v for k, v in head.state_dict().items()})
             meta = {"architecture": clip.architecture, "stage": self.stage, "parent": parent,
                     "parent_sha256": parent_digest if parent_digest != parent else None,
-                    "identities": len(identities), "epochs": epochs,
-                    "train_seconds": round(seconds, 1), "run_id": self.run_id,
-                    "history": history, "params": flatten_params(params), **self.metadata}
+                    # Nothing of time, host or tracking store: DVC hashes this file, and the
+                    # same inputs must give the same bytes (timings and run ids are in MLflow).
+                    "identities": len(identities), "epochs": epochs, "history": history,
+                    "params": flatten_params(params), **self.metadata}
             save_checkpoint(weights, checkpoint, meta)
             shutil.rmtree(self.resume_dir, ignore_errors=True)
         if self.world_size > 1:

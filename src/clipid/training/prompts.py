@@ -185,8 +185,8 @@ def _identities(data: PreparedData) -> tuple[Any, list[str]]:
 
 def learn_prompts(params: Params, *, device: torch.device, prepared: Path = Path("data/prepared"),
                   models_dir: Path = Path("models"),
-                  on_log: Callable[[dict[str, float], int], None] | None = None,
-                  run_id: str | None = None) -> PromptResult:
+                  on_log: Callable[[dict[str, float], int], None] | None = None
+                  ) -> PromptResult:
     """Stage ``clipreid_prompts``: learn every training identity's context tokens with both
     towers frozen; writes ``models/clipreid_prompts/prompts.safetensors`` and its sidecar."""
     cfg, train_cfg = params.clipreid, params.train
@@ -199,12 +199,12 @@ def learn_prompts(params: Params, *, device: torch.device, prepared: Path = Path
     meta: dict[str, Any] = {
         "architecture": clip.architecture, "stage": PROMPTS_STAGE, "prompts": cfg.prompts,
         "template": cfg.template, "noun": cfg.noun, "n_ctx": cfg.n_ctx,
-        "init_model": init_ident, "identities": identities, "run_id": run_id,
+        "init_model": init_ident, "identities": identities,
         "params": flatten_params(params)}
     if cfg.prompts == "fixed":
         fill_template(cfg.template, cfg.noun, "")  # a bad template fails here, not later
         log.info("%s: clipreid.prompts is fixed: nothing to learn", PROMPTS_STAGE)
-        save_checkpoint({}, out, {**meta, "epochs": 0, "train_seconds": 0.0, "history": []})
+        save_checkpoint({}, out, {**meta, "epochs": 0, "history": []})
         return PromptResult(out, 0, 0.0, model=model)
 
     model.requires_grad_(False)  # both towers frozen: only the context tokens learn
@@ -264,8 +264,7 @@ def learn_prompts(params: Params, *, device: torch.device, prepared: Path = Path
         on_log({f"epoch/{k}": v for k, v in history[-1].items()}, epoch + 1)
     seconds = time.perf_counter() - started
     save_checkpoint({"ctx": learner.ctx.detach()}, out,
-                    {**meta, "epochs": cfg.prompt_epochs, "train_seconds": round(seconds, 1),
-                     "history": history})
+                    {**meta, "epochs": cfg.prompt_epochs, "history": history})
     return PromptResult(out, cfg.prompt_epochs, seconds, history, model=model)
 
 

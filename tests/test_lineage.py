@@ -1,0 +1,103 @@
+"""Lineage: a checkpoint's weights lead, by SHA-256, to the MLflow runs that made them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from clipid.config import Params
+from clipid.errors import ClipidError
+from clipid.lineage import checkpoint_tags, lineage_lines, resolve_checkpoint
+from clipid.models.checkpoint import file_sha256
+from clipid.tracking import Tracker, mlflow_client, tracking_uri
+
+from conftest import client
+
+
+def fake_checkpoint(root: Path, stage: str, payload: bytes, parent: Path | None) -> Path:
+    weights = root / "models" / stage / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(payload)
+    meta = {"architecture": "clipid-vit-tiny", "stage": stage,
+            "parent": str(parent) if parent else "random",
+            "parent_sha256": file_sha256(parent) if parent else None}
+    weights.with_suffix(".json").write_text(json.dumps(meta))
+    return weights
+
+
+def git_commit(root: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                              cwd=root, check=True, capture_output=True, text=True).stdout
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "x")
+    return git("rev-parse", "HEAD").strip()
+
+
+def test_runs_tag_their_weights_and_parent_and_the_line_is_followed_back(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commit = git_commit(store)
+    stage2 = fake_checkpoint(store, "stage2", b"weights two", None)
+    stage3 = fake_checkpoint(store, "stage3", b"weights three", stage2)
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-wren")
+    run_ids = {}
+    for stage, weights in (("stage2", stage2), ("stage3", stage3)):
+        with Tracker(stage=f"train_{stage}", params=Params(), run_name=stage) as tracker:
+            tracker.log_checkpoint(weights, 1.5)
+            run_ids[stage] = tracker.run_id
+    tags = client(store).get_run(run_ids["stage3"]).data.tags
+    assert tags == {**tags, **checkpoint_tags(stage3)}
+    assert tags["clipid.checkpoint.sha256"] == file_sha256(stage3)
+    assert tags["clipid.parent.sha256"] == file_sha256(stage2)
+
+    # The evaluation finds the training run by the weights' hash (no run id in the sidecar).
+    with Tracker(stage="evaluate@stage3", params=Params(), checkpoint=stage3) as tracker:
+        assert tracker.run_id == run_ids["stage3"]
+        tracker.log_metrics({"eval/i2i/mAP": 0.25})
+    assert client(store).get_run(run_ids["stage3"]).data.metrics["eval/i2i/mAP"] == 0.25
+
+    lines, found = lineage_lines(mlflow_client(tracking_uri()), file_sha256(stage3),
+                                 str(stage3))
+    text = "\n".join(lines)
+    assert found
+    assert run_ids["stage3"] in text and run_ids["stage2"] in text
+    assert text.index(run_ids["stage3"]) < text.index(run_ids["stage2"])
+    assert text.count("brisk-wren") == 2 and text.count(commit) == 2
+    assert "experiment  clipid" in text and "start of the line" in text
+
+    other = fake_checkpoint(store, "stage4", b"never tracked", None)
+    lines, found = lineage_lines(mlflow_client(tracking_uri()), file_sha256(other), str(other))
+    assert not found and "no run in the store" in "\n".join(lines)
+
+
+def test_clipreid_sidecars_name_their_parent_and_prompts(tmp_path: Path) -> None:
+    init = fake_checkpoint(tmp_path, "stage2", b"init", None)
+    prompts = tmp_path / "prompts.safetensors"
+    prompts.write_bytes(b"ctx")
+    prompts.with_suffix(".json").write_text(json.dumps({
+        "prompts": "learned", "init_model": {"weights": str(init), "sha256": file_sha256(init)}}))
+    assert checkpoint_tags(prompts)["clipid.parent.sha256"] == file_sha256(init)
+    image = tmp_path / "image.safetensors"
+    image.write_bytes(b"image")
+    image.with_suffix(".json").write_text(json.dumps({
+        "parent": "random", "parent_sha256": None,
+        "prompts": {"checkpoint": str(prompts), "sha256": file_sha256(prompts)}}))
+    tags = checkpoint_tags(image)
+    assert tags["clipid.prompts.sha256"] == file_sha256(prompts)
+    assert "clipid.parent.sha256" not in tags and tags["clipid.parent"] == "random"
+
+
+def test_a_checkpoint_is_named_by_file_folder_or_stage(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = fake_checkpoint(tmp_path, "stage2", b"w", None)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(weights) == weights
+    assert resolve_checkpoint(weights.parent) == weights
+    assert resolve_checkpoint("stage2").resolve() == weights
+    with pytest.raises(ClipidError, match="stage9"):
+        resolve_checkpoint("stage9")
+    with pytest.raises(ClipidError, match="not a clipid checkpoint"):
+        resolve_checkpoint(weights.with_suffix(".json"))

@@ -1,0 +1,254 @@
+"""No run is lost: parallel stages on one new SQLite store, a store that fails mid-run or is
+unreachable (the run is spooled and replayed), and a stage killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipid import tracking
+from clipid import tracking_spool as spool
+from clipid.config import Params, flatten_params, load_params
+from clipid.models.checkpoint import file_sha256
+from clipid.tracking import Tracker, sync_spool
+from test_pipeline import MICRO, REPO, _merge
+
+from conftest import VENV_BIN, client
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import mlflow  # noqa: F401  (imported before the barrier: the processes then start at once)
+    from clipid.config import Params
+    from clipid.tracking import Tracker
+
+    name, barrier, count, artifact = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    (barrier / name).touch()
+    deadline = time.time() + 300
+    while len(list(barrier.iterdir())) < count and time.time() < deadline:
+        time.sleep(0.01)
+    with Tracker(stage="train_stage2", params=Params(), run_name=name) as tracker:
+        for step in range(1, 101):
+            tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
+        tracker.log_artifact(artifact, "checkpoint")
+        tracker.set_tags({"worker": name})
+    print("spooled" if tracker.spooled else "tracked")
+""")
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_STAGE"):
+        if name not in extra:
+            out.pop(name, None)
+    return out
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_runs(uri: str) -> list:
+    c = tracking.mlflow_client(uri)  # under the store's lock: a stage may be creating it
+    return c.search_runs([e.experiment_id for e in c.search_experiments()])
+
+
+def test_parallel_stages_on_a_new_sqlite_store_all_land_complete(tmp_path: Path) -> None:
+    """Four processes open one store that does not exist yet, at the same moment (the race
+    that lost a queued experiment's run: "table runs already exists"), then log."""
+    root, barrier = tmp_path / "repo", tmp_path / "barrier"
+    root.mkdir()
+    barrier.mkdir()
+    artifact = root / "model.json"
+    artifact.write_text("{}")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    names = [f"w{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, str(script), name, str(barrier), str(len(names)),
+                               str(artifact)], env=env(DVC_ROOT=str(root)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in names]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert out.strip() == "tracked", err  # straight into the store, not via the spool
+    runs = all_runs(f"sqlite:///{root / 'mlflow.db'}")
+    assert sorted(r.info.run_name for r in runs) == names
+    expected_params = {k: str(v) for k, v in flatten_params(Params()).items()}
+    c = client(f"sqlite:///{root / 'mlflow.db'}")
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params == expected_params
+        assert run.data.tags["worker"] == run.info.run_name
+        assert run.data.tags["clipid.stage"] == "train_stage2"
+        history = c.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 101))
+        assert [a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")] == [
+            "checkpoint/model.json"]
+    assert spool.pending(root) == []
+
+
+def test_a_store_failing_mid_run_spools_all_of_it_and_the_next_stage_replays_it(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "_RETRIES", 1)
+    artifact = store / "metrics.json"
+    artifact.write_text('{"mAP": 0.5}')
+    with Tracker(stage="train_stage2", params=Params(), run_name="stage2",
+                 tags={"owner": "me"}) as tracker:
+        partial = tracker.run_id
+        tracker.log_metrics({"train/loss": 2.0}, step=1)
+        real = tracker._client.log_batch
+
+        def locked(*args, **kwargs):
+            raise RuntimeError("database is locked")
+        monkeypatch.setattr(tracker._client, "log_batch", locked)
+        with pytest.warns(UserWarning, match="spooled"):
+            tracker.log_metrics({"train/loss": 1.0}, step=2)
+        assert tracker.run_id is None
+        tracker.log_metrics({"train/loss": 0.5}, step=3)  # goes on into the spool
+        tracker.log_artifact(artifact, "eval")
+        tracker.log_dict({"a": 1}, "extra/info.json")
+        monkeypatch.setattr(tracker._client, "log_batch", real)
+    assert "stage2" in " ".join(tracking.UNTRACKED)
+    tracking.UNTRACKED.clear()
+    [entry] = spool.pending(store)
+    assert entry.record.status == "FINISHED" and entry.record.partial_run_id == partial
+    artifact.write_text('{"mAP": 0.9}')  # the next run overwrote it: the spool kept a copy
+    spooled_times = [m[2] for m in entry.record.metrics]
+
+    with Tracker(stage="report", params=Params()):  # reaches the store: replays first
+        pass
+    assert spool.pending(store) == []
+    c = client(store)
+    [run] = [r for r in all_runs(f"sqlite:///{store / 'mlflow.db'}")
+             if r.info.run_name == "stage2"]  # the partial run is gone (soft-deleted)
+    assert run.info.run_id != partial and run.info.status == "FINISHED"
+    assert c.get_run(partial).info.lifecycle_stage == "deleted"
+    assert run.info.start_time == entry.record.start_time
+    assert run.info.end_time == entry.record.end_time
+    history = c.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0), (3, 0.5)]
+    assert [m.timestamp for m in history] == spooled_times
+    assert run.data.tags["owner"] == "me" and run.data.tags["clipid.stage"] == "train_stage2"
+    assert run.data.params == {k: str(v) for k, v in flatten_params(Params()).items()}
+    local = Path(c.download_artifacts(run.info.run_id, "eval/metrics.json", str(store / "dl")))
+    assert json.loads(local.read_text()) == {"mAP": 0.5}
+    assert [a.path for a in c.list_artifacts(run.info.run_id, "extra")] == ["extra/info.json"]
+
+
+def test_a_spooled_run_whose_process_died_replays_failed(store: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    record = spool.RunRecord(uri=tracking.tracking_uri(), experiment="clipid",
+                             run_name="stage3", pid=dead.pid, tags={"clipid.stage": "x"})
+    record.metrics.append(["train/loss", 1.0, record.start_time, 1])
+    spool.write(record, store)
+    live = spool.RunRecord(uri=tracking.tracking_uri(), experiment="clipid", run_name="live")
+    spool.write(live, store)  # this process: still running, so it stays
+    [(entry, run_id)] = sync_spool(store)
+    assert entry.record.id == record.id
+    run = client(store).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["train/loss"] == 1.0
+    assert [e.record.id for e in spool.pending(store)] == [live.id]
+
+
+@pytest.fixture
+def micro_stage_dir(tmp_path: Path) -> Path:
+    """A folder the train and evaluate stages run in: micro params.yaml and prepared data."""
+    from clipid.stages.clean_captions import clean_captions
+    from clipid.stages.prepare import prepare
+
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), MICRO)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    loaded = load_params(tmp_path / "params.yaml")
+    prepared = tmp_path / "data" / "prepared"
+    prepare(loaded, prepared, tmp_path / "metrics" / "data.json")
+    clean_captions(loaded, prepared / "manifest.csv", prepared / "image_texts.json",
+                   tmp_path / "metrics" / "captions.json")
+    return tmp_path
+
+
+def clipid(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "clipid", *args], cwd=cwd,
+                          env=env(**extra), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_stages_against_an_unreachable_server_spool_and_sync_completes_them(
+        micro_stage_dir: Path) -> None:
+    down = f"http://127.0.0.1:{closed_port()}"
+    train = clipid(micro_stage_dir, "train", "stage2", MLFLOW_TRACKING_URI=down)
+    last = train.stderr.strip().splitlines()[-1]
+    assert "not tracked: spooled to" in last and "stage2" in last
+    clipid(micro_stage_dir, "evaluate", "stage2", MLFLOW_TRACKING_URI=down)
+    status = clipid(micro_stage_dir, "tracking", "status").stdout
+    assert status.count(down) == 2 and "FINISHED" in status
+
+    synced = clipid(micro_stage_dir, "tracking", "sync").stdout  # into ./mlflow.db
+    assert synced.count("replayed") == 2 and "0 spooled run(s) left" in synced
+    [run] = all_runs(f"sqlite:///{micro_stage_dir / 'mlflow.db'}")
+    weights = micro_stage_dir / "models" / "stage2" / "model.safetensors"
+    assert run.info.status == "FINISHED" and run.info.run_name == "stage2"
+    assert run.data.tags["clipid.checkpoint.sha256"] == file_sha256(weights)
+    assert run.data.tags["clipid.eval_stage"] == "evaluate@stage2"
+    params = load_params(micro_stage_dir / "params.yaml")
+    assert run.data.params == {k: str(v)[:6000] for k, v in flatten_params(params).items()}
+    assert {"train/loss", "train_seconds", "eval/i2i/mAP", "eval_seconds"} <= set(
+        run.data.metrics)
+    c = client(f"sqlite:///{micro_stage_dir / 'mlflow.db'}")
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == sorted(steps) and len(steps) >= 2  # log_every 1: every step
+    assert run.info.start_time < run.info.end_time < time.time() * 1000
+    logged = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
+    assert logged == {"checkpoint/model.safetensors", "checkpoint/model.json"}
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "eval")} == {
+        "eval/stage2.json", "eval/cmc", "eval/examples"}
+    lineage = clipid(micro_stage_dir, "lineage", "stage2").stdout
+    assert run.info.run_id in lineage
+
+
+@pytest.mark.slow
+def test_a_stage_killed_mid_run_does_not_stay_running(micro_stage_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    params = yaml.safe_load((micro_stage_dir / "params.yaml").read_text())
+    params["train"]["epochs"] = 500
+    (micro_stage_dir / "long.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{micro_stage_dir / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "clipid", "train", "stage2", "--params",
+                             "long.yaml"], cwd=micro_stage_dir, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            time.sleep(1)
+            if (micro_stage_dir / "mlflow.db").exists():
+                runs = all_runs(uri)
+                if runs and "train/loss" in runs[0].data.metrics:
+                    break
+        else:
+            pytest.fail("the training run never logged a loss")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [killed] = all_runs(uri)
+    assert killed.info.status == "RUNNING"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(micro_stage_dir))
+    with Tracker(stage="report", params=Params()):  # the next stage on this host
+        pass
+    run = client(uri).get_run(killed.info.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["clipid.ended"] == "process died"
