@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from clipid.config import Params
 from clipid.errors import ClipidError
@@ -20,7 +22,8 @@ from conftest import client
 def fake_checkpoint(root: Path, stage: str, payload: bytes, parent: Path | None) -> Path:
     weights = root / "models" / stage / "model.safetensors"
     weights.parent.mkdir(parents=True)
-    weights.write_bytes(payload)
+    # A valid safetensors file, but no CLIP model in it: the tracker uploads it as the file.
+    save_file({"payload": torch.tensor(list(payload), dtype=torch.uint8)}, str(weights))
     meta = {"architecture": "clipid-vit-tiny", "stage": stage,
             "parent": str(parent) if parent else "random",
             "parent_sha256": file_sha256(parent) if parent else None}
