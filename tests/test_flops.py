@@ -93,3 +93,27 @@ def test_peak_table_and_mfu():
 def test_resnet_towers_are_refused_with_a_clear_error():
     with pytest.raises(ClipidError, match="ViT image towers only"):
         train_step_flops("RN50", 1)
+
+
+def test_bench_train_device_report_runs_on_cpu(capsys, monkeypatch):
+    """``bench/train.py --gpu-only`` with ``--device cpu``: the report a GPU session will run,
+    with its MFU column (n/a: no known peak for a CPU) and the one-step profile."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    import train as bench_train
+
+    code = bench_train.main(["--gpu-only", "--device", "cpu", "--model", "clipid-vit-tiny",
+                             "--image-size", "64", "--items", "16", "--batch", "8",
+                             "--epochs", "1", "--stages", "stage4", "--precisions", "fp32",
+                             "--profile", "--profile-rows", "5", "--no-write"])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("| stage4 | fp32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[5] == cells[6] == "n/a"
+    assert f"torch {torch.__version__}" in out
+    assert "One step of stage4 in fp32" in out and "aten::" in out
+    sys.modules.pop("train", None)

@@ -22,12 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
 from clipid.config import Params, StageParams, flatten_params
 from clipid.data.dataset import PreparedData
+from clipid.data.loader import EpochSeededSampler, make_train_loader, resolve_workers, seeded
 from clipid.errors import ClipidError
 from clipid.features import text_features
 from clipid.losses import (
@@ -88,9 +89,11 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        i, seed = item  # from EpochSeededSampler: the augmentation's own seed
         with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i], self.caption_index[i]
+            image = seeded(seed, self.transform, im.convert("RGB"))
+        return image, self.labels[i], self.caption_index[i]
 
 
 @dataclass
@@ -214,11 +217,10 @@ class Trainer:
 
     def make_loader(self, dataset: Dataset, sampler: Any, batch_size: int) -> Any:
         """The batches of one epoch; ``bench/train.py`` swaps in batches held in memory."""
-        # Workers are not persistent: each epoch's workers take their seeds from the generator
-        # reseeded per epoch, so augmentation does not depend on where a resumed run started.
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.params.train.workers,
-                          pin_memory=self.device.type == "cuda")
+        # Persistent workers are safe: each sample's augmentation has its own seed (epoch,
+        # index), so worker random state never carries from one epoch into the next.
+        return make_train_loader(dataset, sampler, batch_size,
+                                 resolve_workers(self.params.train.workers), self.device)
 
     def _cuda_only(self, key: str) -> bool:
         if self.device.type == "cuda":
@@ -317,6 +319,7 @@ class Trainer:
         else:
             sampler = ShardedRandomSampler(len(dataset), seed=train_cfg.seed, rank=self.rank,
                                            world_size=self.world_size)
+        sampler = EpochSeededSampler(sampler, train_cfg.seed)
         loader = self.make_loader(dataset, sampler, local_batch)
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
@@ -328,6 +331,9 @@ class Trainer:
 
         dtype = resolve_precision(train_cfg.precision, device, "train.precision")
         scaler = grad_scaler(dtype, device)
+        if train_cfg.tf32 and self._cuda_only("train.tf32"):
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls and convolutions on
+            torch.backends.cudnn.allow_tf32 = True        # tensor cores, 10-bit mantissa
         channels_last = train_cfg.channels_last and self._cuda_only("train.channels_last")
         if channels_last:
             model.visual.to(memory_format=torch.channels_last)
