@@ -58,10 +58,12 @@ def _cameras(rows) -> np.ndarray | None:
 
 
 def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
-             device: str | torch.device = "cpu", examples: int = 4, top_k: int = 5) -> EvalResult:
+             device: str | torch.device = "cpu", examples: int = 4, top_k: int = 5
+             ) -> EvalResult | None:
     """Embed every test image once, then score each draw.
 
-    ``examples`` queries of the first draw keep their ``top_k`` ranked gallery images.
+    ``examples`` queries of the first draw keep their ``top_k`` ranked gallery images. In a
+    process group the ranks share the embedding, rank 0 scores; the others return ``None``.
     """
     test = data.table[data.table["split"].isin(["query", "gallery"])]
     images = sorted(test["image"].unique())
@@ -72,7 +74,10 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     dtype = resolve_precision(params.precision, device, "eval.precision")
     feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
                            batch_size=params.batch_size, workers=params.workers, flip=params.flip,
-                           device=device, dtype=dtype).numpy()
+                           device=device, dtype=dtype, shard=True)
+    if feats is None:
+        return None
+    feats = feats.numpy()
     query_images = sorted(test.loc[test["split"] == "query", "image"].unique())
     captions = data.captions(test[test["image"].isin(query_images)].drop_duplicates("image"))
     caption_of = dict(zip(query_images, captions, strict=True)) if data.texts else {}
