@@ -192,13 +192,16 @@ SearchModel = Literal["stage1", "stage2", "stage3", "stage4", "clipreid"]
 
 @dataclass(frozen=True)
 class FaissParams:
-    type: Literal["ivf", "hnsw"] = "ivf"
+    type: Literal["ivf", "hnsw", "ivfpq"] = "ivf"
     nlist: int = _spec(1024, ge=1)              # ivf: k-means cells (at most N // 39 are used)
     nprobe: int = _spec(32, ge=1)               # ivf: cells visited per query
     train_size: int = _spec(100_000, ge=1)      # ivf: vectors k-means trains on
     hnsw_m: int = _spec(32, ge=2, le=256)       # hnsw: graph degree
     ef_construction: int = _spec(200, ge=1)     # hnsw: candidate list while building
     ef_search: int = _spec(128, ge=1)           # hnsw: candidate list while searching
+    pq_m: int = _spec(16, ge=1)                 # ivfpq: sub-quantisers (divides the dim)
+    pq_nbits: int = _spec(8, ge=1, le=16)       # ivfpq: bits per sub-quantiser code
+    shard_rows: int = _spec(1_000_000, ge=1)    # ivfpq: embedding rows per shard on disk
 
 
 @dataclass(frozen=True)
