@@ -141,6 +141,7 @@ class TrainParams:
     channels_last: bool = False
     compile: bool = False
     tf32: bool = False
+    augment_device: Literal["loader", "batch"] = "loader"
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 

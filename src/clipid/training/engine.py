@@ -27,8 +27,15 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from clipid.config import Params, StageParams, flatten_params
+from clipid.data.batch_augment import BatchAugment
 from clipid.data.dataset import PreparedData
-from clipid.data.loader import EpochSeededSampler, make_train_loader, resolve_workers, seeded
+from clipid.data.loader import (
+    EpochSeededSampler,
+    make_train_loader,
+    resolve_workers,
+    sample_seed,
+    seeded,
+)
 from clipid.errors import ClipidError
 from clipid.features import text_features
 from clipid.losses import (
@@ -76,6 +83,23 @@ def build_train_transform(clip: ClipModel, params: Params) -> Callable:
     if aug.random_erasing > 0:
         steps.append(T.RandomErasing(p=aug.random_erasing, value=0))
     return T.Compose(steps)
+
+
+def build_batch_augment(clip: ClipModel, params: Params) -> BatchAugment | None:
+    """``train.augment_device: batch``: the same augmentation, on the device, per batch."""
+    if params.train.augment_device != "batch":
+        return None
+    cfg, aug = clip.model.visual.preprocess_cfg, params.train.augment
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return BatchAugment(size, cfg["mean"], cfg["std"], crop_scale=aug.crop_scale,
+                        flip=aug.flip, random_erasing=aug.random_erasing)
+
+
+def _decode_transform(clip: ClipModel) -> Callable:
+    """For batch augmentation: uint8 at the model's size (shorter side, centre square)."""
+    cfg = clip.model.visual.preprocess_cfg
+    return T.Compose([T.Resize(cfg["size"], interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(cfg["size"]), T.PILToTensor()])
 
 
 class TrainDataset(Dataset):
@@ -259,8 +283,11 @@ class Trainer:
         captions = self.data.captions(rows) if contrastive else [""] * len(rows)
         unique_captions = sorted(set(captions))
         caption_index = {c: i for i, c in enumerate(unique_captions)}
+        batch_augment = build_batch_augment(clip, params)
+        transform = build_train_transform(clip, params) if batch_augment is None \
+            else _decode_transform(clip)
         dataset = TrainDataset(self.data.paths(rows), labels, [caption_index[c] for c in captions],
-                               build_train_transform(clip, params))
+                               transform)
 
         set_trainable(model, image=spec.train_image, text=spec.train_text, scale=contrastive)
         embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") \
@@ -376,8 +403,11 @@ class Trainer:
             sums: dict[str, float] = {}
             progress = tqdm(loader, desc=f"{self.stage} epoch {epoch + 1}/{epochs}",
                             unit="batch", leave=False, disable=self.rank != 0)
-            for images, batch_labels, batch_captions in progress:
+            for batch_no, (images, batch_labels, batch_captions) in enumerate(progress):
                 images = images.to(device, non_blocking=True)
+                if batch_augment is not None:  # the batch's own seed: resume stays exact
+                    images = batch_augment(images, torch.Generator().manual_seed(sample_seed(
+                        train_cfg.seed, epoch, batch_no, self.rank)))
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 batch_labels = batch_labels.to(device)
