@@ -105,7 +105,8 @@ def device_rows(cfg: argparse.Namespace, device: torch.device, work: Path) -> tu
            "data": {"synthetic": {"items": cfg.items, "views": 4, "image_size": cfg.image_size},
                     "cache_size": cfg.image_size, "workers": min(8, os.cpu_count() or 1)},
            "train": {"epochs": cfg.epochs, "batch_size": cfg.batch, "pk_k": 4,
-                     "workers": "auto", "channels_last": True, "tf32": cfg.tf32},
+                     "workers": "auto", "channels_last": True, "tf32": cfg.tf32,
+                     "augment_device": cfg.augment_device},
            "stage2": {"init": "pretrained"}, "stage4": {"init": "pretrained"}}
     prepared = work / "prepared"
     base = params_from_dict(raw)
@@ -147,7 +148,8 @@ def profile_summary(cfg: argparse.Namespace, device: torch.device, work: Path) -
     stage, precision = cfg.stages[0], cfg.precisions[0]
     raw = {"model": {"name": cfg.model, "pretrained": ""},
            "train": {"epochs": 1, "batch_size": cfg.batch, "pk_k": 4, "workers": "auto",
-                     "precision": precision, "channels_last": True, "tf32": cfg.tf32},
+                     "precision": precision, "channels_last": True, "tf32": cfg.tf32,
+                     "augment_device": cfg.augment_device},
            stage: {"init": "pretrained"}}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if device.type == "cuda" else [])
@@ -171,7 +173,8 @@ def device_report(cfg: argparse.Namespace) -> int:
     body = "\n".join([
         f"`{cfg.model}` at {cfg.image_size} px from random weights, global batch {cfg.batch}, "
         f"{cfg.epochs} timed epochs after one warm-up epoch, channels-last, TF32 "
-        f"{'on' if cfg.tf32 else 'off'}; real data path = prepared PNGs through the pipeline's "
+        f"{'on' if cfg.tf32 else 'off'}, augmentation on the {cfg.augment_device}; "
+        "real data path = prepared PNGs through the pipeline's "
         f"loader (`train.workers: auto` = {resolve_workers('auto')}). MFU: analytic model "
         "FLOPs (clipid.flops: trained tower 3 forwards, cached frozen text none) over the "
         "device's dense bf16 peak.",
@@ -205,6 +208,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stages", nargs="+", default=["stage2", "stage4"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--tf32", action="store_true", help="train.tf32 for the fp32 rows")
+    parser.add_argument("--augment-device", choices=("loader", "batch"), default="loader",
+                        help="train.augment_device: PIL in the workers, or tensors on the device")
     parser.add_argument("--profile-rows", type=int, default=20)
     parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md")
     return parser.parse_args(argv)
