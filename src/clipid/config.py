@@ -142,6 +142,7 @@ class TrainParams:
     compile: bool = False
     tf32: bool = False
     augment_device: Literal["loader", "batch"] = "loader"
+    image_cache: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 

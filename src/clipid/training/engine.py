@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from clipid.config import Params, StageParams, flatten_params
 from clipid.data.batch_augment import BatchAugment
 from clipid.data.dataset import PreparedData
+from clipid.data.image_cache import CACHE_DIR, cache_key, ensure_image_cache, open_image_cache
 from clipid.data.loader import (
     EpochSeededSampler,
     make_train_loader,
@@ -90,16 +92,20 @@ def build_batch_augment(clip: ClipModel, params: Params) -> BatchAugment | None:
     if params.train.augment_device != "batch":
         return None
     cfg, aug = clip.model.visual.preprocess_cfg, params.train.augment
-    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    return BatchAugment(size, cfg["mean"], cfg["std"], crop_scale=aug.crop_scale,
+    return BatchAugment(_input_size(clip), cfg["mean"], cfg["std"], crop_scale=aug.crop_scale,
                         flip=aug.flip, random_erasing=aug.random_erasing)
+
+
+def _input_size(clip: ClipModel) -> int:
+    size = clip.model.visual.preprocess_cfg["size"]
+    return int(size if isinstance(size, int) else size[0])
 
 
 def _decode_transform(clip: ClipModel) -> Callable:
     """For batch augmentation: uint8 at the model's size (shorter side, centre square)."""
-    cfg = clip.model.visual.preprocess_cfg
-    return T.Compose([T.Resize(cfg["size"], interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(cfg["size"]), T.PILToTensor()])
+    size = _input_size(clip)
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.PILToTensor()])
 
 
 class TrainDataset(Dataset):
@@ -118,6 +124,26 @@ class TrainDataset(Dataset):
         with Image.open(self.paths[i]) as im:
             image = seeded(seed, self.transform, im.convert("RGB"))
         return image, self.labels[i], self.caption_index[i]
+
+
+class CachedTrainDataset(Dataset):
+    """Training images from the uint8 image cache (``train.image_cache``), memory-mapped."""
+
+    def __init__(self, path: Path, labels: list[int], caption_index: list[int]):
+        self.path, self.labels, self.caption_index = path, labels, caption_index
+        self._array: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}  # each worker maps the file itself
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        i, _ = item
+        if self._array is None:
+            self._array = open_image_cache(self.path)
+        return torch.from_numpy(np.array(self._array[i])), self.labels[i], self.caption_index[i]
 
 
 @dataclass
@@ -180,7 +206,8 @@ class Trainer:
                  on_log: Callable[[dict[str, float], int], None] | None = None,
                  run_id: str | None = None, spec: StageParams | None = None,
                  text_classifier: TextClassifier | None = None,
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None,
+                 image_cache_dir: Path = CACHE_DIR):
         self.params, self.stage, self.device = params, stage, device
         # A stage not described by a params section (clipreid) passes its spec, its extra
         # loss term and extra sidecar entries.
@@ -190,6 +217,7 @@ class Trainer:
         self.models_dir = models_dir
         self.out_path = models_dir / stage / "model.safetensors"
         self.resume_dir = resume_dir or Path(".clipid") / "resume" / stage
+        self.image_cache_dir = image_cache_dir
         self.on_log = on_log or (lambda metrics, step: None)
         self.run_id = run_id
         self.rank, self.world_size = world_info()
@@ -239,6 +267,18 @@ class Trainer:
                                       self.text_classifier.weight]).encode())
         return digest.hexdigest()
 
+    def _image_cache(self, clip: ClipModel, rows: Any) -> Path:
+        """The training images decoded once at the model's size (rank 0 builds it)."""
+        size = _input_size(clip)
+        key = cache_key(self.params.data, self.data.root / "manifest.csv", list(rows["image"]),
+                        size)
+        if self.rank == 0:
+            ensure_image_cache("train", key, self.data.paths(rows), size,
+                               _decode_transform(clip), self.image_cache_dir)
+        if self.world_size > 1:
+            dist.barrier()
+        return self.image_cache_dir / f"train-{key}.npy"
+
     def make_loader(self, dataset: Dataset, sampler: Any, batch_size: int) -> Any:
         """The batches of one epoch; ``bench/train.py`` swaps in batches held in memory."""
         # Persistent workers are safe: each sample's augmentation has its own seed (epoch,
@@ -286,8 +326,14 @@ class Trainer:
         batch_augment = build_batch_augment(clip, params)
         transform = build_train_transform(clip, params) if batch_augment is None \
             else _decode_transform(clip)
-        dataset = TrainDataset(self.data.paths(rows), labels, [caption_index[c] for c in captions],
-                               transform)
+        captions_of = [caption_index[c] for c in captions]
+        if batch_augment is not None and params.train.image_cache:
+            dataset: Dataset = CachedTrainDataset(self._image_cache(clip, rows), labels,
+                                                  captions_of)
+        else:
+            if params.train.image_cache:
+                log.warning("train.image_cache needs train.augment_device: batch; ignored")
+            dataset = TrainDataset(self.data.paths(rows), labels, captions_of, transform)
 
         set_trainable(model, image=spec.train_image, text=spec.train_text, scale=contrastive)
         embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") \
