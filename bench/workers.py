@@ -10,6 +10,7 @@ Target (issue 18): auto / 0 time <= 1.05 on this machine. The weights are the sa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -66,7 +67,8 @@ def main() -> int:
         f"Default synthetic data set and model, CPU, {cfg.epochs} epochs per run, best of "
         f"{cfg.reps} interleaved runs, `train.workers: auto` = {resolve_workers('auto')} "
         f"here, torch threads {torch.get_num_threads()}.",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}; 1-minute load average at the end {os.getloadavg()[0]:.1f} "
+        "(other processes on the same cores make single runs noisy).",
         "",
         "| stage | workers 0 (s) | workers auto (s) | auto / 0 |",
         "|---|---:|---:|---:|",
