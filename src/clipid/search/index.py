@@ -176,13 +176,14 @@ class IVFPQIndex(FaissIndex):
 
     @classmethod
     def build(cls, vectors: np.ndarray, params: FaissParams, seed: int = 0) -> IVFPQIndex:
-        """From vectors in memory, through one temporary shard."""
+        """From vectors in memory (the index stage), through temporary shards of
+        ``shard_rows`` rows: the same index as the shards of a gallery beyond memory give."""
         import tempfile
 
         from clipid.search.shards import ShardWriter
 
         with tempfile.TemporaryDirectory() as tmp:
-            writer = ShardWriter(Path(tmp), max(1, len(vectors)))
+            writer = ShardWriter(Path(tmp), params.shard_rows)
             writer.append(vectors)
             writer.close()
             return cls.build_from_shards(Path(tmp), params, seed)
