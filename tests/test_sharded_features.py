@@ -124,3 +124,39 @@ def test_evaluate_and_index_launch_themselves_under_torchrun(monkeypatch):
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in command and command[-4:] == [
         "evaluate", "stage4", "--params", "params.yaml"]
+
+
+def _run_index(work: Path, prepared: Path, nproc: int) -> dict[str, bytes]:
+    import os
+    import subprocess
+
+    import yaml
+
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "prepared").symlink_to(prepared)
+    raw = {"data": {"synthetic": {"items": 16, "views": 4, "image_size": 48}, "cache_size": 32,
+                    "workers": 0},
+           "train": {"nproc": nproc},
+           "eval": {"batch_size": 5},
+           "search": {"model": {"image": "stage1", "text": "stage1"}, "backend": "faiss",
+                      "faiss": {"type": "hnsw", "hnsw_m": 8}}}
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["DVC_ROOT"] = str(work)
+    done = subprocess.run([sys.executable, "-m", "clipid", "index"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("torch.distributed.run" in done.stderr) == (nproc > 1)
+    return _files(work / "models" / "index")
+
+
+@pytest.mark.slow
+def test_clipid_index_with_train_nproc_writes_the_single_process_index(prepared, tmp_path):
+    """``clipid index`` with ``train.nproc: 2`` relaunches itself under torchrun; the gallery
+    index it writes is byte for byte the one process's."""
+    one = _run_index(tmp_path / "one", prepared, 1)
+    two = _run_index(tmp_path / "two", prepared, WORLD)
+    assert "stage1/faiss.index" in one and one.keys() == two.keys()
+    for name, content in one.items():
+        assert content == two[name], f"{name} differs under torchrun"
