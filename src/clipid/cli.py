@@ -57,8 +57,13 @@ def _clipreid_prompts(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from clipid.stages.evaluate import evaluate_stage
+    from clipid.stages.launch import launch_cli, needs_launch
 
-    evaluate_stage(load_params(args.params), args.stage)
+    params = load_params(args.params)
+    if needs_launch(params):  # train.nproc > 1: the processes split the images to embed
+        launch_cli(params, ["evaluate", args.stage], args.params)
+    else:
+        evaluate_stage(params, args.stage)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -69,8 +74,13 @@ def _report(args: argparse.Namespace) -> None:
 
 def _index(args: argparse.Namespace) -> None:
     from clipid.stages.index import index_stage
+    from clipid.stages.launch import launch_cli, needs_launch
 
-    index_stage(load_params(args.params))
+    params = load_params(args.params)
+    if needs_launch(params):
+        launch_cli(params, ["index"], args.params)
+    else:
+        index_stage(params)
 
 
 def _search(args: argparse.Namespace) -> None:

@@ -136,12 +136,15 @@ class TrainParams:
     label_smoothing: float = _spec(0.1, ge=0, lt=1)
     triplet_margin: float = _spec(0.3, ge=0)
     center_lr: float = _spec(0.5, gt=0)
-    workers: int = _spec(0, ge=0)
+    workers: int | Literal["auto"] = _spec("auto", ge=0)  # auto: cores minus one
     log_every: int = _spec(5, ge=1)
     nproc: int = _spec(1, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    tf32: bool = False
+    augment_device: Literal["loader", "batch"] = "loader"
+    image_cache: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 
@@ -193,13 +196,16 @@ SearchModel = Literal["stage1", "stage2", "stage3", "stage4", "clipreid"]
 
 @dataclass(frozen=True)
 class FaissParams:
-    type: Literal["ivf", "hnsw"] = "ivf"
+    type: Literal["ivf", "hnsw", "ivfpq"] = "ivf"
     nlist: int = _spec(1024, ge=1)              # ivf: k-means cells (at most N // 39 are used)
     nprobe: int = _spec(32, ge=1)               # ivf: cells visited per query
     train_size: int = _spec(100_000, ge=1)      # ivf: vectors k-means trains on
     hnsw_m: int = _spec(32, ge=2, le=256)       # hnsw: graph degree
     ef_construction: int = _spec(200, ge=1)     # hnsw: candidate list while building
     ef_search: int = _spec(128, ge=1)           # hnsw: candidate list while searching
+    pq_m: int = _spec(16, ge=1)                 # ivfpq: sub-quantisers (divides the dim)
+    pq_nbits: int = _spec(8, ge=1, le=16)       # ivfpq: bits per sub-quantiser code
+    shard_rows: int = _spec(1_000_000, ge=1)    # ivfpq: embedding rows per shard on disk
 
 
 @dataclass(frozen=True)
@@ -362,7 +368,10 @@ def _convert(tp: Any, fld: dataclasses.Field, value: Any, key: str, source: str,
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (tp,) = [a for a in args if a is not type(None)]
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) > 1:
+            return _convert_union(arms, fld, value, key, source, lines)
+        (tp,) = arms
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:
@@ -386,6 +395,18 @@ def _convert(tp: Any, fld: dataclasses.Field, value: Any, key: str, source: str,
     if bounds and not _in_bounds(value, bounds):
         raise ConfigError(f"{where}: '{key}' is {value!r}; allowed range: {_describe(bounds)}")
     return value
+
+
+def _convert_union(arms: list[Any], fld: dataclasses.Field, value: Any, key: str, source: str,
+                   lines: dict[str, int]) -> Any:
+    """The first arm of ``int | Literal["auto"]`` (say) that takes ``value``."""
+    errors = []
+    for arm in arms:
+        try:
+            return _convert(arm, fld, value, key, source, lines)
+        except ConfigError as exc:
+            errors.append(str(exc).split(": ", 1)[-1])
+    raise ConfigError(f"{_where(source, lines, key)}: {' or '.join(errors)}")
 
 
 def _in_bounds(value: float, bounds: dict[str, float]) -> bool:

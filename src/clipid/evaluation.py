@@ -131,11 +131,13 @@ def _score_draw(q: pd.DataFrame, g: pd.DataFrame, qf: np.ndarray, gf: np.ndarray
 
 
 def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
-             device: str | torch.device = "cpu", examples: int = 4, top_k: int = 5) -> EvalResult:
+             device: str | torch.device = "cpu", examples: int = 4, top_k: int = 5
+             ) -> EvalResult | None:
     """Embed every test image once, then score each draw.
 
     ``examples`` queries of the first draw keep their ``top_k`` ranked gallery images.
-    Every figure is independent of the order of the manifest's rows.
+    Every figure is independent of the order of the manifest's rows. In a process group the
+    ranks share the embedding and rank 0 scores; the others return ``None``.
     """
     test = data.table[data.table["split"].isin(["query", "gallery"])]
     images = sorted(test["image"].unique())
@@ -146,7 +148,10 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     dtype = resolve_precision(params.precision, device, "eval.precision")
     feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
                            batch_size=params.batch_size, workers=params.workers, flip=params.flip,
-                           device=device, dtype=dtype).numpy()
+                           device=device, dtype=dtype, shard=True)
+    if feats is None:
+        return None
+    feats = feats.numpy()
     caption_feats = _caption_features(clip, data, test, params, device, dtype)
 
     per_draw, cmcs, ranked = [], [], []

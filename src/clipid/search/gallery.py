@@ -71,13 +71,18 @@ class GalleryIndex:
     @classmethod
     def build(cls, clip: ClipModel, model: str, data: PreparedData, eval_params: EvalParams,
               backend: str, faiss_params: FaissParams, device: Any = "cpu",
-              seed: int = 0) -> GalleryIndex:
+              seed: int = 0) -> GalleryIndex | None:
+        """Embeds the gallery; in a process group every rank embeds a share and rank 0 builds
+        the index (the other ranks get ``None``)."""
         table = gallery_rows(data)
-        embeddings = image_features(
+        features = image_features(
             clip.model, data.paths(table), clip.preprocess_val, batch_size=eval_params.batch_size,
             workers=eval_params.workers, flip=eval_params.flip, device=device,
             dtype=resolve_precision(eval_params.precision, torch.device(device), "eval.precision"),
-            desc=f"index {model}").numpy().astype(np.float32)
+            desc=f"index {model}", shard=True)
+        if features is None:
+            return None
+        embeddings = features.numpy().astype(np.float32)
         index = build_index(embeddings, backend, faiss_params, seed=seed)
         info = {"format": FORMAT_VERSION, "model": model, "architecture": clip.architecture,
                 "weights": clip.weights, "model_fingerprint": model_fingerprint(clip),

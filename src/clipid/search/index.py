@@ -19,7 +19,7 @@ from clipid.errors import ClipidError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExactIndex", "FaissIndex", "SearchIndex", "build_index", "load_index",
+__all__ = ["ExactIndex", "FaissIndex", "IVFPQIndex", "SearchIndex", "build_index", "load_index",
            "neighbour_recall", "recall_against_exact"]
 
 
@@ -138,6 +138,57 @@ class FaissIndex:
         return cls(_faiss().read_index(str(path)), params)
 
 
+class IVFPQIndex(FaissIndex):
+    """faiss IVF-PQ over inner product for galleries beyond memory: each vector is stored as
+    ``pq_m`` codes of ``pq_nbits`` bits. Built from embedding shards read one at a time
+    (:mod:`clipid.search.shards`): k-means and the PQ codebooks train on ``train_size`` rows
+    sampled across the shards, then every shard is added in turn."""
+
+    @classmethod
+    def build_from_shards(cls, directory: Path, params: FaissParams, seed: int = 0
+                          ) -> IVFPQIndex:
+        from clipid.search.shards import iter_shards, sample_rows, shard_rows
+
+        faiss = _faiss()
+        n = sum(shard_rows(directory))
+        sample = sample_rows(directory, params.train_size, seed)
+        dim = int(sample.shape[1])
+        if dim % params.pq_m:
+            raise ClipidError(f"search.faiss.pq_m: {params.pq_m} does not divide the "
+                              f"embedding dimension {dim}")
+        # faiss wants >= 39 training points per cell, and a PQ codebook needs at least
+        # 2**nbits of them: a small gallery gets fewer cells and fewer bits.
+        nlist = max(1, min(params.nlist, n // 39))
+        nbits = min(params.pq_nbits, max(1, int(np.log2(max(2, len(sample))))))
+        if (nlist, nbits) != (params.nlist, params.pq_nbits):
+            log.info("faiss ivfpq: %d vectors, nlist %d -> %d, nbits %d -> %d", n,
+                     params.nlist, nlist, params.pq_nbits, nbits)
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, params.pq_m, nbits,
+                                 faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.pq.cp.seed = seed
+        index.train(np.ascontiguousarray(sample))
+        del sample
+        for shard in iter_shards(directory):
+            index.add(np.ascontiguousarray(shard, dtype=np.float32))
+        return cls(index, params)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, params: FaissParams, seed: int = 0) -> IVFPQIndex:
+        """From vectors in memory (the index stage), through temporary shards of
+        ``shard_rows`` rows: the same index as the shards of a gallery beyond memory give."""
+        import tempfile
+
+        from clipid.search.shards import ShardWriter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = ShardWriter(Path(tmp), params.shard_rows)
+            writer.append(vectors)
+            writer.close()
+            return cls.build_from_shards(Path(tmp), params, seed)
+
+
 def neighbour_recall(truth: np.ndarray, found: np.ndarray) -> float:
     """Share of the true neighbours ``truth`` ``(Q, k)`` that ``found`` ``(Q, k)`` holds."""
     return sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True)) / truth.size
@@ -159,6 +210,8 @@ def build_index(vectors: np.ndarray, backend: str, faiss_params: FaissParams | N
                 seed: int = 0) -> SearchIndex:
     if backend == "exact":
         return ExactIndex(vectors)
+    if backend == "faiss" and faiss_params is not None and faiss_params.type == "ivfpq":
+        return IVFPQIndex.build(vectors, faiss_params, seed=seed)
     if backend == "faiss":
         return FaissIndex.build(vectors, faiss_params or FaissParams(), seed=seed)
     raise ClipidError(f"search.backend: '{backend}' is not one of exact, faiss")

@@ -14,7 +14,7 @@ from clipid.config import Params
 from clipid.data.dataset import PreparedData
 from clipid.evaluation import EvalResult, evaluate, write_results
 from clipid.models.factory import ClipModel, create_model, load_model
-from clipid.runtime import setup_runtime
+from clipid.runtime import setup_runtime, teardown_runtime
 from clipid.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def model_for_stage(params: Params, stage: str, device, models_dir: Path = Path(
 
 def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepared"),
                    metrics_dir: Path = Path("metrics"), models_dir: Path = Path("models")
-                   ) -> EvalResult:
+                   ) -> EvalResult | None:
     """Evaluate one stage's model and log the figures to MLflow.
 
     A trained model's figures go into the MLflow run that trained it (found by the SHA-256 of
@@ -44,11 +44,16 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     time goes to MLflow only: metrics/ are DVC outputs and must not change between reruns.
     """
     device = setup_runtime(params.runtime)
-    clip = model_for_stage(params, stage, device, models_dir)
-    data = PreparedData.load(prepared)
-    start = time.perf_counter()
-    result = evaluate(clip, data, params.eval, device=device)
-    seconds = time.perf_counter() - start
+    try:
+        clip = model_for_stage(params, stage, device, models_dir)
+        data = PreparedData.load(prepared)
+        start = time.perf_counter()
+        result = evaluate(clip, data, params.eval, device=device)
+        seconds = time.perf_counter() - start
+    finally:
+        teardown_runtime()  # under torchrun: every rank has embedded its share
+    if result is None:  # not rank 0: rank 0 scores and writes
+        return None
     extra = {"model": {"architecture": clip.architecture, "weights": clip.weights}}
     metrics_path = metrics_dir / f"{stage}.json"
     cmc_path = metrics_dir / "cmc" / f"{stage}.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
-from clipid.runtime import setup_runtime
+from clipid.runtime import is_main_process, setup_runtime, teardown_runtime
 from clipid.search.gallery import GalleryIndex
 from clipid.search.index import FaissIndex, recall_against_exact
 from clipid.search.query import index_dir
@@ -31,24 +31,13 @@ def index_stage(params: Params, prepared: Path = Path("data/prepared"),
                 models_dir: Path = Path("models"),
                 metrics_path: Path = Path("metrics/index.json")) -> dict[str, dict]:
     device = setup_runtime(params.runtime)
-    data = PreparedData.load(prepared, with_texts=False)
-    models = dict.fromkeys([params.search.model.image, params.search.model.text])
-    summary: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
-    for model in models:
-        clip = model_for_stage(params, model, device, models_dir)
-        start = time.perf_counter()
-        gallery = GalleryIndex.build(clip, model, data, params.eval, params.search.backend,
-                                     params.search.faiss, device=device, seed=params.train.seed)
-        gallery.save(index_dir(model, models_dir))
-        entry = {"images": len(gallery.table), "dim": gallery.info["dim"],
-                 "backend": params.search.backend}
-        seconds[model] = time.perf_counter() - start
-        if isinstance(gallery.index, FaissIndex):
-            entry["recall_at_10"] = round(recall_against_exact(
-                gallery.index, gallery.embeddings, seed=params.train.seed), 4)
-        summary[model] = entry
-        log.info("index %s: %s", model, entry)
+    try:
+        built = _build_all(params, prepared, models_dir, device)
+    finally:
+        teardown_runtime()  # under torchrun: every rank has embedded its share
+    if built is None:  # not rank 0: rank 0 writes the indexes and the metrics
+        return {}
+    summary, seconds = built
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
                             encoding="utf-8")
@@ -58,3 +47,30 @@ def index_stage(params: Params, prepared: Path = Path("data/prepared"),
         tracker.log_metrics({f"index/{m}/build_seconds": s for m, s in seconds.items()})
         tracker.log_artifact(metrics_path, "index")
     return summary
+
+
+def _build_all(params: Params, prepared: Path, models_dir: Path, device
+               ) -> tuple[dict[str, dict], dict[str, float]] | None:
+    """Each model's gallery index, written by rank 0: ``(summary, build seconds)`` per model
+    (``None`` on the other ranks)."""
+    data = PreparedData.load(prepared, with_texts=False)
+    models = dict.fromkeys([params.search.model.image, params.search.model.text])
+    summary: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+    for model in models:
+        clip = model_for_stage(params, model, device, models_dir)
+        start = time.perf_counter()
+        gallery = GalleryIndex.build(clip, model, data, params.eval, params.search.backend,
+                                     params.search.faiss, device=device, seed=params.train.seed)
+        if gallery is None:
+            continue
+        gallery.save(index_dir(model, models_dir))
+        entry = {"images": len(gallery.table), "dim": gallery.info["dim"],
+                 "backend": params.search.backend}
+        seconds[model] = time.perf_counter() - start
+        if isinstance(gallery.index, FaissIndex):
+            entry["recall_at_10"] = round(recall_against_exact(
+                gallery.index, gallery.embeddings, seed=params.train.seed), 4)
+        summary[model] = entry
+        log.info("index %s: %s", model, entry)
+    return (summary, seconds) if is_main_process() else None

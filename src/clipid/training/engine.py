@@ -17,17 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
 from clipid.config import Params, StageParams, flatten_params
+from clipid.data.batch_augment import BatchAugment
 from clipid.data.dataset import PreparedData
+from clipid.data.image_cache import CACHE_DIR, cache_key, ensure_image_cache, open_image_cache
+from clipid.data.loader import (
+    EpochSeededSampler,
+    make_train_loader,
+    resolve_workers,
+    sample_seed,
+    seeded,
+)
 from clipid.errors import ClipidError
 from clipid.features import text_features
 from clipid.losses import (
@@ -77,6 +87,27 @@ def build_train_transform(clip: ClipModel, params: Params) -> Callable:
     return T.Compose(steps)
 
 
+def build_batch_augment(clip: ClipModel, params: Params) -> BatchAugment | None:
+    """``train.augment_device: batch``: the same augmentation, on the device, per batch."""
+    if params.train.augment_device != "batch":
+        return None
+    cfg, aug = clip.model.visual.preprocess_cfg, params.train.augment
+    return BatchAugment(_input_size(clip), cfg["mean"], cfg["std"], crop_scale=aug.crop_scale,
+                        flip=aug.flip, random_erasing=aug.random_erasing)
+
+
+def _input_size(clip: ClipModel) -> int:
+    size = clip.model.visual.preprocess_cfg["size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _decode_transform(clip: ClipModel) -> Callable:
+    """For batch augmentation: uint8 at the model's size (shorter side, centre square)."""
+    size = _input_size(clip)
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.PILToTensor()])
+
+
 class TrainDataset(Dataset):
     """Training images with their identity label and the index of their caption."""
 
@@ -88,9 +119,31 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        i, seed = item  # from EpochSeededSampler: the augmentation's own seed
         with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i], self.caption_index[i]
+            image = seeded(seed, self.transform, im.convert("RGB"))
+        return image, self.labels[i], self.caption_index[i]
+
+
+class CachedTrainDataset(Dataset):
+    """Training images from the uint8 image cache (``train.image_cache``), memory-mapped."""
+
+    def __init__(self, path: Path, labels: list[int], caption_index: list[int]):
+        self.path, self.labels, self.caption_index = path, labels, caption_index
+        self._array: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}  # each worker maps the file itself
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        i, _ = item
+        if self._array is None:
+            self._array = open_image_cache(self.path)
+        return torch.from_numpy(np.array(self._array[i])), self.labels[i], self.caption_index[i]
 
 
 @dataclass
@@ -153,7 +206,8 @@ class Trainer:
                  on_log: Callable[[dict[str, float], int], None] | None = None,
                  spec: StageParams | None = None,
                  text_classifier: TextClassifier | None = None,
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None,
+                 image_cache_dir: Path = CACHE_DIR):
         self.params, self.stage, self.device = params, stage, device
         # A stage not described by a params section (clipreid) passes its spec, its extra
         # loss term and extra sidecar entries.
@@ -163,6 +217,7 @@ class Trainer:
         self.models_dir = models_dir
         self.out_path = models_dir / stage / "model.safetensors"
         self.resume_dir = resume_dir or Path(".clipid") / "resume" / stage
+        self.image_cache_dir = image_cache_dir
         self.on_log = on_log or (lambda metrics, step: None)
         self.rank, self.world_size = world_info()
         self.data = PreparedData.load(prepared)
@@ -211,13 +266,24 @@ class Trainer:
                                       self.text_classifier.weight]).encode())
         return digest.hexdigest()
 
+    def _image_cache(self, clip: ClipModel, rows: Any) -> Path:
+        """The training images decoded once at the model's size (rank 0 builds it)."""
+        size = _input_size(clip)
+        key = cache_key(self.params.data, self.data.root / "manifest.csv", list(rows["image"]),
+                        size)
+        if self.rank == 0:
+            ensure_image_cache("train", key, self.data.paths(rows), size,
+                               _decode_transform(clip), self.image_cache_dir)
+        if self.world_size > 1:
+            dist.barrier()
+        return self.image_cache_dir / f"train-{key}.npy"
+
     def make_loader(self, dataset: Dataset, sampler: Any, batch_size: int) -> Any:
         """The batches of one epoch; ``bench/train.py`` swaps in batches held in memory."""
-        # Workers are not persistent: each epoch's workers take their seeds from the generator
-        # reseeded per epoch, so augmentation does not depend on where a resumed run started.
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.params.train.workers,
-                          pin_memory=self.device.type == "cuda")
+        # Persistent workers are safe: each sample's augmentation has its own seed (epoch,
+        # index), so worker random state never carries from one epoch into the next.
+        return make_train_loader(dataset, sampler, batch_size,
+                                 resolve_workers(self.params.train.workers), self.device)
 
     def _cuda_only(self, key: str) -> bool:
         if self.device.type == "cuda":
@@ -256,8 +322,17 @@ class Trainer:
         captions = self.data.captions(rows) if contrastive else [""] * len(rows)
         unique_captions = sorted(set(captions))
         caption_index = {c: i for i, c in enumerate(unique_captions)}
-        dataset = TrainDataset(self.data.paths(rows), labels, [caption_index[c] for c in captions],
-                               build_train_transform(clip, params))
+        batch_augment = build_batch_augment(clip, params)
+        transform = build_train_transform(clip, params) if batch_augment is None \
+            else _decode_transform(clip)
+        captions_of = [caption_index[c] for c in captions]
+        if batch_augment is not None and params.train.image_cache:
+            dataset: Dataset = CachedTrainDataset(self._image_cache(clip, rows), labels,
+                                                  captions_of)
+        else:
+            if params.train.image_cache:
+                log.warning("train.image_cache needs train.augment_device: batch; ignored")
+            dataset = TrainDataset(self.data.paths(rows), labels, captions_of, transform)
 
         set_trainable(model, image=spec.train_image, text=spec.train_text, scale=contrastive)
         embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") \
@@ -316,6 +391,7 @@ class Trainer:
         else:
             sampler = ShardedRandomSampler(len(dataset), seed=train_cfg.seed, rank=self.rank,
                                            world_size=self.world_size)
+        sampler = EpochSeededSampler(sampler, train_cfg.seed)
         loader = self.make_loader(dataset, sampler, local_batch)
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
@@ -327,6 +403,9 @@ class Trainer:
 
         dtype = resolve_precision(train_cfg.precision, device, "train.precision")
         scaler = grad_scaler(dtype, device)
+        if train_cfg.tf32 and self._cuda_only("train.tf32"):
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls and convolutions on
+            torch.backends.cudnn.allow_tf32 = True        # tensor cores, 10-bit mantissa
         channels_last = train_cfg.channels_last and self._cuda_only("train.channels_last")
         if channels_last:
             model.visual.to(memory_format=torch.channels_last)
@@ -369,8 +448,11 @@ class Trainer:
             sums: dict[str, float] = {}
             progress = tqdm(loader, desc=f"{self.stage} epoch {epoch + 1}/{epochs}",
                             unit="batch", leave=False, disable=self.rank != 0)
-            for images, batch_labels, batch_captions in progress:
+            for batch_no, (images, batch_labels, batch_captions) in enumerate(progress):
                 images = images.to(device, non_blocking=True)
+                if batch_augment is not None:  # the batch's own seed: resume stays exact
+                    images = batch_augment(images, torch.Generator().manual_seed(sample_seed(
+                        train_cfg.seed, epoch, batch_no, self.rank)))
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 batch_labels = batch_labels.to(device)
