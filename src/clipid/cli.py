@@ -90,6 +90,12 @@ def _search(args: argparse.Namespace) -> None:
     print(f"grid: {args.grid}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from clipid.serve.app import serve
+
+    serve(load_params(args.params), host=args.host, port=args.port)
+
+
 def _check_params(args: argparse.Namespace) -> None:
     load_params(args.params)
     print(f"{args.params}: ok")
@@ -106,6 +112,7 @@ COMMANDS = {
     "report": (_report, "compare every stage in metrics/report.md"),
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
+    "serve": (_serve, "the search web app on the index stage's output (http://127.0.0.1:8000)"),
     "check-params": (_check_params, "validate params.yaml and exit"),
 }
 
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("stages", nargs="+", help="stages to compare, in order")
         if name == "search":
             _search_arguments(cmd)
+        if name == "serve":
+            cmd.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
+            cmd.add_argument("--port", type=int, help="port (default: serve.port)")
         cmd.set_defaults(func=func)
     return parser
 

@@ -30,6 +30,7 @@ __all__ = [
     "FaissParams",
     "SearchModelParams",
     "SearchParams",
+    "ServeParams",
     "StageParams",
     "RuntimeParams",
     "TrainParams",
@@ -217,6 +218,16 @@ class SearchParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """``clipid serve``: the search web app over the gallery indexes."""
+
+    host: str = "127.0.0.1"                     # loopback only unless changed
+    port: int = _spec(8000, ge=1, le=65535)
+    max_upload_mb: float = _spec(10.0, gt=0)    # larger query images are refused (413)
+    max_top_k: int = _spec(100, ge=1)           # most results one request may ask for
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     device: str = "auto"
     threads: int = _spec(0, ge=0)
@@ -242,6 +253,7 @@ class Params:
     clipreid: ClipReidParams = field(default_factory=ClipReidParams)
     eval: EvalParams = field(default_factory=EvalParams)
     search: SearchParams = field(default_factory=SearchParams)
+    serve: ServeParams = field(default_factory=ServeParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
