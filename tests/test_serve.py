@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -150,6 +151,13 @@ def library_search(ws: Workspace, monkeypatch: pytest.MonkeyPatch, **query) -> d
 
 # ---------------------------------------------------------------------------------------------
 # the API
+
+def test_the_server_listens_on_loopback_only_by_default(workspace):
+    listening = [c.laddr for c in psutil.Process(workspace.proc.pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN]
+    port = urllib.parse.urlparse(workspace.url).port
+    assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
+
 
 def test_health_names_the_loaded_model_and_its_index(workspace):
     status, body = call(workspace, "/api/health")
