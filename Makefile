@@ -36,7 +36,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/train.py
-	$(BIN)/python bench/search.py
+	$(BIN)/python bench/search.py --part ivf
+	$(BIN)/python bench/search.py --part hnsw
+	$(BIN)/python bench/search.py --part threads --size 4000
+	$(BIN)/python bench/serve.py
 
 # The MLflow UI on this repository's store (the one every stage and experiment logs to).
 UI_PORT ?= 5000

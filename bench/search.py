@@ -12,11 +12,13 @@ that the cosine levels and the spectrum match those of clipid's trained Stage 4 
 Queries are new views of gallery items (a new photo of an indexed item): recall@10 against the
 exact top 10, and whether the first result is the query's item.
 
-``--part ivf``: exact search and faiss IVF-Flat (``search.faiss`` defaults, several
-``nprobe``) on the full gallery. Target (issue 17): the default faiss configuration reaches
-recall@10 >= 0.95 at >= 10x exact search's queries per second; the script exits non-zero
-otherwise. ``--part hnsw``: HNSW built for at most ``--budget`` seconds, in steps, on a prefix
-of the gallery: the largest size this machine builds in that time.
+``--part ivf``: exact search and faiss IVF-Flat (``search.faiss`` nlist, several ``nprobe``)
+on the full gallery. ``--part hnsw``: HNSW built for at most ``--budget`` seconds, in steps, on
+a prefix of the gallery (the largest size this machine builds in that time), then searched at
+several ``efSearch``. ``--part threads``: HNSW build time with and without torch's OpenMP
+runtime beside faiss's. Target (issue 17): the default faiss configuration reaches recall@10 >=
+0.95 at >= 10x exact search's queries per second, one query at a time; the part that measures
+the default ``search.faiss.type`` exits non-zero otherwise.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def structure(vectors: np.ndarray, items: np.ndarray, categories: np.ndarray | N
     """The nearest-neighbour structure of a gallery: mean cosines within an item, within a
     category and across, the share of each probe's top 1 / top 10 neighbours (itself left out)
     of its item, the cosine of the 1st and 10th neighbour, and the participation ratio of the
-    spectrum (its effective number of dimensions) as a share of the width."""
+    spectrum (its effective number of dimensions: the spread of cosines between unrelated
+    images, which decides how often another item comes close, goes with it)."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(vectors), min(probes, len(vectors)), replace=False)
     scores, ids = ExactIndex(vectors).search(vectors[picks], 11)
@@ -133,7 +136,7 @@ def structure(vectors: np.ndarray, items: np.ndarray, categories: np.ndarray | N
     cos = np.einsum("ij,ij->i", vectors[pairs[:, 0]], vectors[pairs[:, 1]])
     out = {"top1 own item": float(same[:, 0].mean()), "top10 own item": float(same.mean()),
            "cos 1st nn": float(scores[:, 0].mean()), "cos 10th nn": float(scores[:, 9].mean()),
-           "effective dims / width": float(lam.sum() ** 2 / (lam ** 2).sum() / vectors.shape[1]),
+           "effective dimensions": float(lam.sum() ** 2 / (lam ** 2).sum()),
            "cos same item": float(np.concatenate(own).mean())}
     if categories is not None:
         same_cat = categories[pairs[:, 0]] == categories[pairs[:, 1]]
@@ -222,8 +225,20 @@ def exact_row(gallery, queries, items, item_of, timed) -> tuple[Row, np.ndarray]
                    truth, timed), truth
 
 
+def verdict(row: Row, exact: Row, name: str) -> tuple[str, bool]:
+    """Issue 17's target for ``row``: recall@10 >= 0.95 at >= 10x exact search's queries per
+    second, one query at a time (as `clipid search` and `clipid serve` ask them)."""
+    speedup = exact.p50 / row.p50
+    ok = row.recall10 >= 0.95 and speedup >= 10
+    default = " (the default `search.faiss.type`)" if FaissParams().type in name.lower() else ""
+    return (f"{name} at the default `search.faiss` settings{default}: recall@10 "
+            f"{row.recall10:.3f} (target >= 0.95) at {speedup:.0f}x exact search's single-query "
+            f"speed (p50; target >= 10x) and {row.qps / exact.qps:.1f}x its batch queries/s: "
+            + ("met." if ok else "NOT met."), ok)
+
+
 def ivf_part(gen: Generator, gallery: np.ndarray, args) -> tuple[list[str], bool]:
-    defaults = FaissParams()
+    defaults = FaissParams(type="ivf")
     queries, items = gen.queries(args.queries)
     item_of = gen.row_item
     rows = []
@@ -231,7 +246,7 @@ def ivf_part(gen: Generator, gallery: np.ndarray, args) -> tuple[list[str], bool
     rows.append(exact)
     ok = False
     for nlist in sorted(set(args.nlist) | {defaults.nlist}):
-        params = FaissParams(nlist=nlist, nprobe=defaults.nprobe)
+        params = FaissParams(type="ivf", nlist=nlist, nprobe=defaults.nprobe)
         before = rss()
         start = time.perf_counter()
         ivf = FaissIndex.build(gallery, params)
@@ -244,17 +259,12 @@ def ivf_part(gen: Generator, gallery: np.ndarray, args) -> tuple[list[str], bool
                           items, item_of, truth, args.timed)
             rows.append(row)
             if default:
-                ok = row.recall10 >= 0.95 and row.qps >= 10 * exact.qps
-                verdict = (f"Default `search.faiss` (IVF-Flat, nlist {defaults.nlist}, nprobe "
-                           f"{defaults.nprobe}): recall@10 {row.recall10:.3f} (target >= 0.95) "
-                           f"at {row.qps / exact.qps:.1f}x exact search's batch queries/s and "
-                           f"{exact.p50 / row.p50:.0f}x its single-query p50 (target >= 10x): "
-                           + ("met." if ok else "NOT met."))
+                line, ok = verdict(row, exact, "IVF-Flat")
         del ivf
-    return [*HEADER, *[r.markdown() for r in rows], "", verdict], ok
+    return [*HEADER, *[r.markdown() for r in rows], "", line], ok or FaissParams().type != "ivf"
 
 
-def hnsw_part(gen: Generator, args) -> list[str]:
+def hnsw_part(gen: Generator, args) -> tuple[list[str], bool]:
     """Builds in steps of CHUNK rows until the budget is spent: the size reached is the largest
     this machine builds in ``--budget`` seconds."""
     defaults = FaissParams(type="hnsw")
@@ -277,17 +287,21 @@ def hnsw_part(gen: Generator, args) -> list[str]:
     for ef in sorted(set(args.ef_search) | {defaults.ef_search}):
         hnsw.index.hnsw.efSearch = ef
         rows.append(measure(hnsw, f"faiss HNSW, M {defaults.hnsw_m}, efConstruction "
-                            f"{defaults.ef_construction}", f"efSearch {ef}", build_s,
+                            f"{defaults.ef_construction}", f"efSearch {ef}"
+                            + (" (default)" if ef == defaults.ef_search else ""), build_s,
                             memory_mb, queries, items, gen.row_item, truth, args.timed))
+        if ef == defaults.ef_search:
+            line, ok = verdict(rows[-1], exact, "HNSW")
     return [f"HNSW over the first {built:,} vectors of the gallery, built in steps of "
             f"{CHUNK:,} until {args.budget:.0f} s were spent ({'; '.join(steps)}); exact search "
             "over the same vectors for reference.", "", *HEADER,
-            *[r.markdown() for r in rows]]
+            *[r.markdown() for r in rows], "", line], ok or FaissParams().type != "hnsw"
 
 
-TRIALS = (("faiss alone", "none", 0), ("faiss alone", "none", 1),
-          ("imported and run first", "before", 0), ("imported and run first", "before", 1),
-          ("imported and run after faiss", "after", 0))
+# (torch, when torch starts its OpenMP pool, faiss's OpenMP threads); torch gets 2 threads.
+TRIALS = (("not imported", "none", 2), ("not imported", "none", 1),
+          ("run first", "before", 2), ("run first", "before", 1),
+          ("run after faiss is imported", "after", 2))
 
 
 def thread_trial(torch_when: str, threads: int, rows: int) -> dict[str, float]:
@@ -297,13 +311,13 @@ def thread_trial(torch_when: str, threads: int, rows: int) -> dict[str, float]:
     def run_torch() -> None:
         import torch
 
+        torch.set_num_threads(2)
         x = torch.randn(256, 256)
         (x @ x).sum().item()  # starts torch's own OpenMP pool
 
     if torch_when == "before":
         run_torch()
-    if threads:
-        faiss.omp_set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
     if torch_when == "after":
         run_torch()
     vectors = Generator(rows, Shape()).gallery()
@@ -327,22 +341,25 @@ def threads_part(args) -> list[str]:
     results: dict[int, list[dict]] = {i: [] for i in range(len(TRIALS))}
     for _ in range(2):
         for i, (_, when, threads) in enumerate(TRIALS):
-            out = subprocess.run([sys.executable, __file__, "--part", "trial", "--trial",
-                                  f"{when},{threads}", "--size", str(args.size)],
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--part",
+                                  "trial", "--trial", f"{when},{threads}", "--size",
+                                  str(args.size)],
                                  capture_output=True, text=True, check=True).stdout
             results[i].append(json.loads(out.strip().splitlines()[-1]))
             print(TRIALS[i], results[i][-1], flush=True)
     lines = ["| torch | OpenMP threads of faiss | libgomp copies loaded | build wall s "
              "(best of 2) | build CPU s (best of 2) | CPU / wall |", "|---|---|---|---|---|---|"]
-    for i, (what, _, threads) in enumerate(TRIALS):
+    for i, (what, _, _threads) in enumerate(TRIALS):
         best = min(results[i], key=lambda r: r["wall"])
         cpu = min(r["cpu"] for r in results[i])
-        lines.append(f"| {what} | {best['threads']}{'' if threads else ' (default)'} | "
+        lines.append(f"| {what} | {best['threads']} | "
                      f"{best['libgomp']} | {best['wall']:.1f} | {cpu:.1f} | "
                      f"{cpu / best['wall']:.2f} |")
     return [f"HNSW (M {FaissParams().hnsw_m}, efConstruction {FaissParams().ef_construction}) "
-            f"over {args.size:,} generated vectors, each build in a fresh process; "
-            f"OMP_NUM_THREADS {__import__('os').environ.get('OMP_NUM_THREADS', 'unset')}.", "",
+            f"over {args.size:,} generated vectors, each build in a fresh process, every "
+            "configuration twice, interleaved. torch runs a matrix product on 2 threads of its "
+            "own OpenMP runtime (torch/lib/libgomp) before or after faiss (whose wheel "
+            "bundles another libgomp) is loaded.", "",
             *lines]
 
 
@@ -392,11 +409,11 @@ def main() -> int:
     shape = Shape()
     gen = Generator(args.size, shape)
     if args.part == "hnsw":
-        body = hnsw_part(gen, args)
+        body, ok = hnsw_part(gen, args)
         write_section("bench/search (HNSW)", "\n".join(
             [*body, "", f"Machine (shared with other jobs, noisy): {machine()}; faiss "
              f"{faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP thread(s)."]))
-        return 0
+        return 0 if ok else 1
     trained = structure(*trained_gallery(args.trained)) if args.trained else None
     gallery = gen.gallery()
     print(f"gallery {gallery.shape} drawn", flush=True)
@@ -405,9 +422,6 @@ def main() -> int:
             f"Machine (shared with other jobs, noisy): {machine()}; faiss {faiss.__version__}, "
             f"{faiss.omp_get_max_threads()} OpenMP thread(s)."]
     write_section("bench/search", "\n".join(body))
-    if not ok:
-        print("FAIL: the default faiss configuration misses recall@10 >= 0.95 at >= 10x "
-              "exact search's queries/s", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -166,7 +166,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clipid-bench-serve-") as tmp:
         root = args.root.resolve()
-        what = f"the workspace {root}"
+        what = "the repository's outputs" if root == REPO else \
+            f"a workspace after `dvc repro index` (`{root.name}`)"
         if not (root / "params.yaml").is_file() or not has_index(root):
             root, what = tiny_workspace(Path(tmp)), "a tiny workspace (40 synthetic items, " \
                 "Stage 1's random tiny CLIP for image and text)"

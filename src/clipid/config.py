@@ -192,9 +192,10 @@ SearchModel = Literal["stage1", "stage2", "stage3", "stage4", "clipreid"]
 
 @dataclass(frozen=True)
 class FaissParams:
-    type: Literal["ivf", "hnsw"] = "ivf"
+    # hnsw: recall@10 >= 0.95 at >= 10x exact search's speed (BENCHMARKS.md, bench/search)
+    type: Literal["ivf", "hnsw"] = "hnsw"
     nlist: int = _spec(1024, ge=1)              # ivf: k-means cells (at most N // 39 are used)
-    nprobe: int = _spec(32, ge=1)               # ivf: cells visited per query
+    nprobe: int = _spec(128, ge=1)              # ivf: cells visited per query
     train_size: int = _spec(100_000, ge=1)      # ivf: vectors k-means trains on
     hnsw_m: int = _spec(32, ge=2, le=256)       # hnsw: graph degree
     ef_construction: int = _spec(200, ge=1)     # hnsw: candidate list while building
