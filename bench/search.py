@@ -24,6 +24,7 @@ the default ``search.faiss.type`` exits non-zero otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -155,9 +156,9 @@ def trained_gallery(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
     vectors = np.load(directory / "embeddings.npy")
     table = pd.read_csv(directory / "gallery.csv", dtype=str)
-    manifest = Path(__import__("json").loads((directory / "index.json").read_text())
-                    ["prepared"]) / "manifest.csv"
-    if not manifest.is_absolute():
+    info = json.loads((directory / "index.json").read_text(encoding="utf-8"))
+    manifest = Path(info["prepared"]) / "manifest.csv"
+    if not manifest.is_absolute():  # relative to the workspace of models/index/<model>
         manifest = directory.parents[2] / manifest
     attributes = dict(pd.read_csv(manifest, dtype=str, keep_default_na=False)
                       [["image", "attributes"]].itertuples(index=False))
@@ -335,7 +336,6 @@ def thread_trial(torch_when: str, threads: int, rows: int) -> dict[str, float]:
 
 def threads_part(args) -> list[str]:
     """Each trial in a fresh process, twice, interleaved."""
-    import json
     import subprocess
 
     results: dict[int, list[dict]] = {i: [] for i in range(len(TRIALS))}
@@ -399,7 +399,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.part == "trial":
         when, threads = args.trial.split(",")
-        print(__import__("json").dumps(thread_trial(when, int(threads), args.size)))
+        print(json.dumps(thread_trial(when, int(threads), args.size)))
         return 0
     if args.part == "threads":
         write_section("bench/search (HNSW threads)", "\n".join(
