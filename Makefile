@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: env repro test lint bench ui lock clean-env
+.PHONY: env repro test lint bench ui serve lock clean-env
 
 env: $(STAMP)
 
@@ -36,7 +36,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/train.py
-	$(BIN)/python bench/search.py
+	$(BIN)/python bench/search.py --part ivf
+	$(BIN)/python bench/search.py --part hnsw
+	$(BIN)/python bench/search.py --part threads --size 4000
+	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/tracking.py
 
@@ -45,6 +48,10 @@ UI_PORT ?= 5000
 ui: $(STAMP)
 	$(BIN)/python -c "import os, sys, clipid.tracking as t; \
 	cmd = t.ui_command(port=$(UI_PORT)); print(' '.join(cmd)); os.execvp(cmd[0], cmd)"
+
+# The search web app on this repository's outputs (models/index/, data/prepared/ of `make repro`).
+serve: $(STAMP)
+	$(BIN)/clipid serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
 # Regenerate requirements.lock from requirements.in in a scratch venv.
 lock:

@@ -7,17 +7,11 @@ them. Screenshots of the checked pages land in $CLIPID_TEST_ARTIFACTS, else test
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,46 +22,22 @@ import yaml
 
 from clipid.tracking import EXPERIMENT, ui_command
 
+from _browser import (
+    Browser,
+    artifacts_dir,
+    chromium,
+    free_port,
+    server_process,
+    skip_without_browser,
+)
 from conftest import VENV_BIN
 
-try:
-    from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-except ImportError as error:
-    _SELENIUM_MISSING: str | None = f"selenium is not importable ({error}; run `make env`)"
-else:
-    _SELENIUM_MISSING = None
+skip_without_browser("MLflow UI browser test")
+
+from selenium.webdriver.common.by import By  # noqa: E402 - selenium is there past the skip
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-INSTALL_HINT = "install them with `apt-get install chromium chromium-driver`"
-
-
-def _executable(env_var: str, *names: str) -> tuple[str | None, str]:
-    """The program ``env_var`` names, else the first of ``names`` on PATH; else why not."""
-    if os.environ.get(env_var):
-        path = os.environ[env_var]
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path, ""
-        return None, f"{env_var}={path} is not an executable file"
-    for name in names:
-        if found := shutil.which(name):
-            return found, ""
-    return None, f"{' or '.join(names)} is not on PATH (or set {env_var})"
-
-
-CHROMIUM, _chromium_missing = _executable("CHROMIUM_BIN", "chromium", "chromium-browser")
-CHROMEDRIVER, _driver_missing = _executable("CHROMEDRIVER", "chromedriver")
-_missing = [why for why in (_chromium_missing, _driver_missing, _SELENIUM_MISSING) if why]
-if _missing:
-    pytest.skip(
-        "MLflow UI browser test needs Chromium, ChromeDriver and selenium: "
-        f"{'; '.join(_missing)}; {INSTALL_HINT}",
-        allow_module_level=True,
-    )
 
 pytestmark = pytest.mark.slow  # a pipeline run, a server start and a browser: ~1 min
 
@@ -89,23 +59,6 @@ PIPELINE = (
 )
 METRIC = "train/loss"  # logged every step by training: a line, not a single point
 SERVER_START_S = 90  # `mlflow ui` boots 4 uvicorn workers: ~20 s on an idle machine
-WAIT_S = 30  # for one page element to show
-# Without the background-networking flags Chromium's own connections get refused here;
-# the resolver rule keeps the browser on loopback, so the test is the same with internet.
-CHROME_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--no-proxy-server",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--window-size=1400,1000",
-)
 
 
 @dataclass
@@ -117,47 +70,7 @@ class Store:
     history: list[tuple[int, float]]  # (step, value) of METRIC in metric_run, in logging order
 
 
-@dataclass
-class UI:
-    url: str
-    log: Path
-    driver: Any
-    artifacts: Path
-
-    def diagnostics(self) -> str:
-        """What a failure report needs: where the browser was, its console, the server's log."""
-        lines = []
-        with contextlib.suppress(WebDriverException):
-            lines.append(f"browser at {self.driver.current_url}")
-            lines += [
-                f"console {e['level']}: {e['message']}"
-                for e in self.driver.get_log("browser")
-                if e["level"] == "SEVERE"
-            ]
-        server = self.log.read_text(errors="replace").splitlines()[-60:]
-        return "\n".join([*lines, "--- mlflow ui log (tail) ---", *server])
-
-    @contextlib.contextmanager
-    def page(self, name: str) -> Iterator[None]:
-        """Screenshot the page after its checks, passed or failed; a failure says why."""
-        shot = self.artifacts / f"mlflow-ui-{name}.png"
-        shot.unlink(missing_ok=True)
-        try:
-            yield
-        except (AssertionError, WebDriverException) as error:
-            # The driver's message without its native stack trace, which says nothing here.
-            message = error.msg if isinstance(error, WebDriverException) else None
-            failure: str | None = f"{type(error).__name__}: {message or error}"
-            with contextlib.suppress(WebDriverException):
-                self.driver.save_screenshot(str(shot))
-        else:
-            failure = None
-        if failure is not None:  # outside `except`: a report without the chained duplicate
-            pytest.fail(f"{failure}\nscreenshot: {shot}\n{self.diagnostics()}")
-        assert self.driver.save_screenshot(str(shot)), f"no screenshot of {name}"
-        data = shot.read_bytes()
-        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, f"{shot}: not a PNG"
-
+class UI(Browser):
     def link(self, route: str, text: str) -> Any:
         """The visible link to the UI route ``route`` whose text is ``text``."""
         return self.wait(
@@ -166,13 +79,6 @@ class UI:
             ),
             f"a link {text!r} to {route}",
         )
-
-    def wait(self, condition: Any, what: str) -> Any:
-        # React re-renders replace elements under a running wait: look again, don't fail.
-        waiting = WebDriverWait(
-            self.driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)
-        )
-        return waiting.until(condition, f"{what} not shown")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -228,86 +134,24 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(store: Store) -> Iterator[tuple[str, Path]]:
     """`make ui`'s command on the store, on a free loopback port, until the module ends."""
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:  # ui_command reads the store from the environment
         mp.setenv("DVC_ROOT", str(store.root))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         cmd = ui_command(port=port)
     log = store.root / "mlflow-ui.log"
     url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        # A session of its own: teardown stops the server and its uvicorn workers together.
-        proc = subprocess.Popen(
-            cmd,
-            cwd=store.root,
-            env=_env(store.root),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        _wait_until_up(proc, url, log)
+    with server_process(cmd, store.root, _env(store.root), url + "/", log, SERVER_START_S):
         yield url, log
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
-def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    deadline = time.monotonic() + SERVER_START_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"{' '.join(proc.args)} exited with {proc.returncode}:\n"
-                f"{log.read_text(errors='replace')}"
-            )
-        try:
-            with opener.open(url + "/", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"the MLflow UI did not answer on {url} within {SERVER_START_S} s:\n"
-                f"{log.read_text(errors='replace')}"
-            )
-        time.sleep(0.25)  # polling a server that boots, not waiting on the page
 
 
 @pytest.fixture(scope="module")
 def ui(server: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
-    artifacts = Path(os.environ.get("CLIPID_TEST_ARTIFACTS") or REPO / "test-artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: Selenium Manager never runs, so nothing is downloaded.
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(60)
-        yield UI(server[0], server[1], driver, artifacts)
-    finally:
-        driver.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
+        yield UI(server[0], server[1], driver, artifacts_dir(), "mlflow-ui")
 
 
 def _is_fragment(href: str) -> str:

@@ -149,6 +149,12 @@ def _tracking(args: argparse.Namespace) -> None:
     print(f"{len(left)} spooled run(s) left" + (": clipid tracking status" if left else ""))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from clipid.serve.app import serve
+
+    serve(load_params(args.params), host=args.host, port=args.port)
+
+
 def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")  # main has checked the file, as before every command
 
@@ -168,6 +174,7 @@ COMMANDS = {
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
     "register": (_register, "move alias champion of clipid-image/-text to the best stage"),
     "export": (_export, "write a stage's towers as ONNX (default: search.model.image/.text)"),
+    "serve": (_serve, "the search web app on the index stage's output (http://127.0.0.1:8000)"),
     "check-params": (_check_params, "validate params.yaml and exit"),
     "lineage": (_lineage, "the MLflow run, experiment, DVC experiment and commit that made a "
                 "checkpoint (a file, its folder or a stage name), found by its SHA-256"),
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "stage2")
         if name == "tracking":
             cmd.add_argument("action", choices=("status", "sync"))
+        if name == "serve":
+            cmd.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
+            cmd.add_argument("--port", type=int, help="port (default: serve.port)")
         cmd.set_defaults(func=func)
     return parser
 

@@ -30,6 +30,7 @@ __all__ = [
     "FaissParams",
     "SearchModelParams",
     "SearchParams",
+    "ServeParams",
     "StageParams",
     "RuntimeParams",
     "TrainParams",
@@ -196,9 +197,10 @@ SearchModel = Literal["stage1", "stage2", "stage3", "stage4", "clipreid"]
 
 @dataclass(frozen=True)
 class FaissParams:
-    type: Literal["ivf", "hnsw", "ivfpq"] = "ivf"
+    # hnsw: recall@10 >= 0.95 at >= 10x exact search's speed (BENCHMARKS.md, bench/search)
+    type: Literal["ivf", "hnsw", "ivfpq"] = "hnsw"
     nlist: int = _spec(1024, ge=1)              # ivf: k-means cells (at most N // 39 are used)
-    nprobe: int = _spec(32, ge=1)               # ivf: cells visited per query
+    nprobe: int = _spec(128, ge=1)              # ivf: cells visited per query
     train_size: int = _spec(100_000, ge=1)      # ivf: vectors k-means trains on
     hnsw_m: int = _spec(32, ge=2, le=256)       # hnsw: graph degree
     ef_construction: int = _spec(200, ge=1)     # hnsw: candidate list while building
@@ -222,6 +224,16 @@ class SearchParams:
     backend: Literal["exact", "faiss"] = "exact"
     faiss: FaissParams = field(default_factory=FaissParams)
     top_k: int = _spec(10, ge=1)
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    """``clipid serve``: the search web app over the gallery indexes."""
+
+    host: str = "127.0.0.1"                     # loopback only unless changed
+    port: int = _spec(8000, ge=1, le=65535)
+    max_upload_mb: float = _spec(10.0, gt=0)    # larger query images are refused (413)
+    max_top_k: int = _spec(100, ge=1)           # most results one request may ask for
 
 
 @dataclass(frozen=True)
@@ -250,6 +262,7 @@ class Params:
     clipreid: ClipReidParams = field(default_factory=ClipReidParams)
     eval: EvalParams = field(default_factory=EvalParams)
     search: SearchParams = field(default_factory=SearchParams)
+    serve: ServeParams = field(default_factory=ServeParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageRejected", "load_rgb", "resize_shorter_side", "cache_image"]
+__all__ = ["ImageRejected", "decode_rgb", "load_rgb", "resize_shorter_side", "cache_image"]
 
 # A decompression bomb is a rejected file like any other, not a crash of the whole stage.
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
@@ -51,8 +52,15 @@ def load_rgb(path: Path, root: Path | None = None,
         raise ImageRejected("missing file")
     if path.stat().st_size == 0:
         raise ImageRejected("zero-byte file")
+    return decode_rgb(path, background)
+
+
+def decode_rgb(source: Path | BinaryIO,
+               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode ``source`` (a path or an open binary file, such as an upload) the way
+    :func:`load_rgb` does, without its checks of the path."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()  # decode now: a truncated file fails here, not later in training
             im = ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,

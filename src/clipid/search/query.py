@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
@@ -21,8 +22,8 @@ from clipid.stages.evaluate import model_for_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchResult", "has_text_tower", "embed_image", "embed_text", "search",
-           "index_dir"]
+__all__ = ["SearchResult", "has_text_tower", "embed_image", "embed_pil", "embed_text", "search",
+           "index_dir", "load_gallery", "rank", "warn_if_stale"]
 
 
 @dataclass
@@ -49,7 +50,6 @@ def has_text_tower(model: torch.nn.Module) -> bool:
         hasattr(model, "transformer") or hasattr(model, "text"))
 
 
-@torch.inference_mode()
 def embed_image(clip: ClipModel, path: Path, flip: bool = False,
                 device: torch.device | str = "cpu") -> np.ndarray:
     """The ``(1, D)`` unit embedding of the image at ``path`` (decoded like the gallery was)."""
@@ -57,6 +57,13 @@ def embed_image(clip: ClipModel, path: Path, flip: bool = False,
         image = load_rgb(Path(path))
     except ImageRejected as exc:
         raise ClipidError(f"--image {path}: {exc}") from None
+    return embed_pil(clip, image, flip=flip, device=device)
+
+
+@torch.inference_mode()
+def embed_pil(clip: ClipModel, image: Image.Image, flip: bool = False,
+              device: torch.device | str = "cpu") -> np.ndarray:
+    """The ``(1, D)`` unit embedding of a decoded RGB image."""
     batch = clip.preprocess_val(image).unsqueeze(0).to(device)
     clip.model.eval()
     feats = clip.model.encode_image(batch).float()
@@ -119,9 +126,19 @@ def search(params: Params, *, image: Path | None = None, text: str | None = None
     else:
         query = embed_text(clip, text, model, device=device)
         gallery = load_gallery(params, clip, model, device, models_dir, prepared)
+    warn_if_stale(gallery, clip, model)
+    return rank(gallery, query, kind, str(image) if image is not None else text, model, top_k)
+
+
+def warn_if_stale(gallery: GalleryIndex, clip: ClipModel, model: str) -> None:
     if gallery.info.get("model_fingerprint") != model_fingerprint(clip):
         log.warning("the %s index was built from other %s weights (retrained since?): its "
                     "results are stale until `dvc repro index`", model, model)
-    hits = gallery.search(query, top_k)[0]
-    return SearchResult(kind, str(image) if image is not None else text, model,
-                        gallery.info["backend"], hits)
+
+
+def rank(gallery: GalleryIndex, query: np.ndarray, kind: str, label: str, model: str,
+         top_k: int) -> SearchResult:
+    """The ``top_k`` gallery images nearest the ``(1, D)`` query embedding; ``label`` is what
+    the result names as the query (an image path, a file name, the text)."""
+    return SearchResult(kind, label, model, gallery.info["backend"],
+                        gallery.search(query, top_k)[0])

@@ -1,0 +1,1 @@
+"""``clipid serve``: a search web app over the gallery indexes of the ``index`` stage."""
