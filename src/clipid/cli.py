@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say_untracked(command: str) -> None:
     """A run that could not be tracked is the last thing a stage says (a queue's log is read
-    from the end)."""
-    from clipid.tracking import UNTRACKED
-
-    for line in UNTRACKED:
+    from the end). A command that never imported the tracker tracked nothing: importing it
+    now would cost the fingerprint its speed."""
+    tracking = sys.modules.get("clipid.tracking")
+    for line in getattr(tracking, "UNTRACKED", []):
         print(f"clipid {command}: {line}", file=sys.stderr)
 
 
