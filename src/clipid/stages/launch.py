@@ -29,8 +29,13 @@ def cli_launch_command(params: Params, args: list[str], params_path: Path) -> li
 def launch_cli(params: Params, args: list[str], params_path: Path) -> None:
     command = cli_launch_command(params, args, params_path)
     log.info("%s", " ".join(command))
+    # Each rank runs the batches one process would, with as many threads as that process has:
+    # a float sum split over another thread count rounds differently, and the embeddings must
+    # be the single process's bytes. (torchrun alone would give each rank one thread.)
+    import torch
+
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.train.nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     code = subprocess.call(command, env=env)
     if code:
         raise ClipidError(f"clipid {' '.join(args)}: torchrun with {params.train.nproc} "
