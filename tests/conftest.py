@@ -125,7 +125,8 @@ def manifest_root(tmp_path: Path) -> Path:
     return root
 
 
-# MLflow stores for the tracking tests (test_tracking, test_tracking_spool, test_lineage).
+# MLflow stores for the tracking tests (test_tracking, test_tracking_spool, test_lineage,
+# test_deploy).
 
 @pytest.fixture(scope="session")
 def blank_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -139,8 +140,8 @@ def blank_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank_db: Path) -> Path:
     shutil.copy(blank_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME",
-                 "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+                 "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path
 

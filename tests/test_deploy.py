@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,24 +30,6 @@ from clipid.tracking import Tracker
 from conftest import VENV_BIN, draw
 
 TEXTS = ["a red striped shirt", "blue denim jeans with a long description of the fabric", "x"]
-
-
-@pytest.fixture(scope="session")
-def blank_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("blank") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank_db: Path) -> Path:
-    shutil.copy(blank_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
 
 
 def client(store: Path):

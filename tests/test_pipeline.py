@@ -38,16 +38,21 @@ def sh(cwd: Path, *cmd: str) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture
-def micro_repo(tmp_path: Path) -> Path:
-    """A git + DVC repo holding this project's pipeline and a micro params.yaml."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def write_micro_pipeline(repo: Path) -> Path:
+    """This project's code and pipeline in ``repo``, with the micro params.yaml."""
+    repo.mkdir(parents=True)
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
     shutil.copy(REPO / ".gitignore", repo)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, MICRO)))
+    return repo
+
+
+@pytest.fixture
+def micro_repo(tmp_path: Path) -> Path:
+    """A git + DVC repo holding this project's pipeline and a micro params.yaml."""
+    repo = write_micro_pipeline(tmp_path / "repo")
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "config", "user.email", "test@example.com")
     sh(repo, "git", "config", "user.name", "clipid test")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from test_pipeline import MICRO, REPO, _merge
+from test_pipeline import write_micro_pipeline
 
 from conftest import VENV_BIN
 
@@ -42,13 +40,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``(origin, shared cache)``: a bare repository holding the micro pipeline, whose first
     clone ran ``dvc repro`` (its cache in ``shared cache``) and pushed dvc.lock and metrics/."""
     base = tmp_path_factory.mktemp("repro")
-    seed = base / "seed"
-    seed.mkdir()
-    shutil.copytree(REPO / "src", seed / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", seed)
-    shutil.copy(REPO / ".gitignore", seed)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (seed / "params.yaml").write_text(yaml.safe_dump(_merge(params, MICRO)))
+    seed = write_micro_pipeline(base / "seed")
     sh(seed, "git", "init", "-q")
     sh(seed, "dvc", "init", "-q")
     sh(seed, "dvc", "config", "core.analytics", "false")
