@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +151,13 @@ def client(uri: str | Path):
     from mlflow import MlflowClient
 
     return MlflowClient(uri if isinstance(uri, str) else f"sqlite:///{uri / 'mlflow.db'}")
+
+
+def git_commit(root: Path) -> str:
+    """A git repository at ``root`` with one empty commit; its hash."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                              cwd=root, check=True, capture_output=True, text=True).stdout
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "x")
+    return git("rev-parse", "HEAD").strip()

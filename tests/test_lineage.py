@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from clipid.lineage import checkpoint_tags, lineage_lines, resolve_checkpoint
 from clipid.models.checkpoint import file_sha256
 from clipid.tracking import Tracker, mlflow_client, tracking_uri
 
-from conftest import client
+from conftest import client, git_commit
 
 
 def fake_checkpoint(root: Path, stage: str, payload: bytes, parent: Path | None) -> Path:
@@ -29,15 +28,6 @@ def fake_checkpoint(root: Path, stage: str, payload: bytes, parent: Path | None)
             "parent_sha256": file_sha256(parent) if parent else None}
     weights.with_suffix(".json").write_text(json.dumps(meta))
     return weights
-
-
-def git_commit(root: Path) -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
-                              cwd=root, check=True, capture_output=True, text=True).stdout
-    git("init", "-q")
-    git("commit", "-q", "--allow-empty", "-m", "x")
-    return git("rev-parse", "HEAD").strip()
 
 
 def test_runs_tag_their_weights_and_parent_and_the_line_is_followed_back(

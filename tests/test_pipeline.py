@@ -30,10 +30,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def sh(cwd: Path, *cmd: str) -> str:
+def sh(cwd: Path, *cmd: str, timeout: int = 1800) -> str:
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 

@@ -3,27 +3,20 @@ dvc.lock and metrics/, and a clone that shares the DVC cache checks out instead 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from test_pipeline import sh as pipeline_sh
 from test_pipeline import write_micro_pipeline
-
-from conftest import VENV_BIN
 
 TRAINING = ("train_stage2", "train_stage3", "train_stage4", "clipreid_prompts", "clipreid_image")
 
 
 def sh(cwd: Path, *cmd: str) -> str:
     """test_pipeline's ``sh`` with room for a whole ``dvc repro`` on a busy machine."""
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return pipeline_sh(cwd, *cmd, timeout=3600)
 
 
 def clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from clipid.config import Params, flatten_params, params_from_dict
 from clipid.tracking import Tracker, find_runs, store_root, tracking_uri, ui_command
 
-from conftest import client
+from conftest import client, git_commit
 
 
 def test_the_store_is_under_dvc_root(store: Path) -> None:
@@ -98,13 +97,7 @@ def test_a_checkpoint_is_uploaded_unless_switched_off(store: Path, upload: bool)
 
 
 def test_the_git_commit_is_tagged(store: Path) -> None:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
-                              cwd=store, check=True, capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("commit", "-q", "--allow-empty", "-m", "x")
-    commit = git("rev-parse", "HEAD").strip()
+    commit = git_commit(store)
     with Tracker(stage="report", params=Params()) as tracker:
         run_id = tracker.run_id
     tags = client(store).get_run(run_id).data.tags
