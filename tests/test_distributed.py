@@ -23,7 +23,7 @@ import yaml
 from clipid.config import Params, params_from_dict
 from clipid.errors import ClipidError
 from clipid.runtime import autocast, grad_scaler, resolve_precision
-from clipid.stages.train import launch_command, needs_launch
+from clipid.stages.launch import cli_launch_command, needs_launch
 from clipid.training.engine import Trainer
 
 from conftest import prepare_data
@@ -106,7 +106,7 @@ def test_the_train_command_launches_itself_under_torchrun(prepared, tmp_path, mo
     assert needs_launch(params)
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside torchrun: train here, don't launch again
     assert not needs_launch(params)
-    command = launch_command(params, "stage2", Path("params.yaml"))
+    command = cli_launch_command(params, ["train", "stage2"], Path("params.yaml"))
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in command and command[-4:-2] == ["train", "stage2"]
 

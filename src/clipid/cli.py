@@ -40,7 +40,8 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from clipid.stages.train import launch, needs_launch, train_stage
+    from clipid.stages.launch import needs_launch
+    from clipid.stages.train import launch, train_stage
 
     params = load_params(args.params)
     if needs_launch(params):

@@ -2,21 +2,20 @@
 the engine with CLIP-ReID's prompts as an extra loss term): one MLflow run per execution.
 
 With ``train.nproc`` above 1, ``clipid train`` starts itself again under torchrun
-(:func:`launch_command`); every process then trains its shard, and rank 0 alone writes the
-checkpoint and the MLflow run.
+(:func:`clipid.stages.launch.launch_cli`); every process then trains its shard, and rank 0
+alone writes the checkpoint and the MLflow run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from clipid.config import Params
 from clipid.errors import ClipidError
-from clipid.runtime import distributed_env, is_main_process, setup_runtime, teardown_runtime
+from clipid.runtime import is_main_process, setup_runtime, teardown_runtime
+from clipid.stages.launch import launch_cli
 from clipid.tracking import Tracker
 from clipid.training.engine import Trainer, TrainResult
 from clipid.training.prompts import IMAGE_STAGE, image_stage_spec, load_text_classifier
@@ -47,29 +46,10 @@ def train_stage(params: Params, stage: str, prepared: Path = Path("data/prepared
     return result
 
 
-def needs_launch(params: Params) -> bool:
-    """True when this process must start ``train.nproc`` others instead of training itself."""
-    return params.train.nproc > 1 and distributed_env()[2] == 1 and "LOCAL_RANK" not in os.environ
-
-
-def launch_command(params: Params, stage: str, params_path: Path) -> list[str]:
-    """``torchrun`` (as ``python -m torch.distributed.run``, so the venv's torch is used) on
-    this machine with ``train.nproc`` processes, each running ``clipid train <stage>``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={params.train.nproc}", "-m", "clipid", "train", stage,
-            "--params", str(params_path)]
-
-
 def launch(params: Params, stage: str, params_path: Path) -> None:
     if params.train.batch_size % params.train.nproc:
         raise ClipidError(f"train.batch_size ({params.train.batch_size}) must be a multiple of "
                           f"train.nproc ({params.train.nproc})")
-    command = launch_command(params, stage, params_path)
-    log.info("%s: %s", stage, " ".join(command))
-    # torchrun gives each CPU process one thread unless told otherwise; share the cores instead.
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.train.nproc)))
-    code = subprocess.call(command, env=env)
-    if code:
-        raise ClipidError(f"{stage}: torchrun with {params.train.nproc} processes exited with "
-                          f"code {code}")
+    # DDP's results match one process's to rounding anyway: share the cores among the ranks.
+    launch_cli(params, ["train", stage], params_path,
+               threads=max(1, (os.cpu_count() or 1) // params.train.nproc))
