@@ -100,7 +100,7 @@ def prepared(tmp_path_factory) -> Path:
 def _train(prepared: Path, models: Path, workers: int) -> dict[str, torch.Tensor]:
     params = params_from_dict({"train": {"epochs": 1, "batch_size": 8, "pk_k": 2,
                                          "workers": workers, "augment_device": "batch"},
-                               "stage4": {"init": "pretrained"}})
+                               "stage4": {"init": "stage1"}})
     trainer = Trainer(params, "stage4", device=torch.device("cpu"), prepared=prepared,
                       models_dir=models, resume_dir=models / ".resume")
     return load_checkpoint(trainer.fit().checkpoint)[0]

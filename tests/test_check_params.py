@@ -30,9 +30,10 @@ def assert_error(code: int, err: str, where: str, *parts: str) -> None:
 
 @pytest.mark.parametrize("text, line, parts", [
     ("stage3:\n  init: stage5\n", 2, ("'stage3.init' is 'stage5'", "names no stage",
-                                      "allowed: pretrained, stage2, stage3, stage4, clipreid")),
-    ("stage2:\n  train_text: false\n  init: stage1\n", 3, ("'stage2.init' is 'stage1'",
-                                                            "write 'pretrained'")),
+                                      "allowed: stage1, stage2, stage3, stage4, clipreid")),
+    # The pretrained model has one name, stage1: the old spelling is pointed at it.
+    ("stage2:\n  train_text: false\n  init: pretrained\n", 3,
+     ("'stage2.init' is 'pretrained'", "the pretrained model is 'stage1'")),
 ])
 def test_init_naming_no_stage(tmp_path, capsys, text, line, parts):
     code, err = run(tmp_path, text, capsys=capsys)
@@ -45,7 +46,7 @@ def test_init_naming_no_stage(tmp_path, capsys, text, line, parts):
     ("stage4:\n  init: stage4\n", 2, "stage4.init is stage4"),
     ("stage2:\n  init: clipreid\nclipreid:\n  init: stage2\n", 2,
      "stage2.init is clipreid, clipreid.init is stage2"),
-    ("stage2:\n  init: pretrained\nstage3:\n  init: stage4\n", 4,
+    ("stage2:\n  init: stage1\nstage3:\n  init: stage4\n", 4,
      "stage3.init is stage4, stage4.init is stage3"),
 ])
 def test_cycle_of_inits(tmp_path, capsys, text, line, cycle):

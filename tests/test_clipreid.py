@@ -173,7 +173,7 @@ def test_image_stage_keeps_text_tower_and_prompts_bit_identical(learnt, prepared
     classifier, extra = load_text_classifier(params, CPU, prepared, models)
     assert classifier.features.shape == (len(classifier.identities), 128)
     trainer = Trainer(params, "clipreid", device=CPU, prepared=prepared, models_dir=models,
-                      resume_dir=models / ".resume", spec=image_stage_spec(params.clipreid),
+                      resume_dir=models / ".resume", spec=image_stage_spec(params),
                       text_classifier=classifier, metadata=extra)
     trained, meta = load_checkpoint(trainer.fit().checkpoint)
     assert digest(prompts) == before
@@ -195,20 +195,21 @@ def test_clipreid_from_a_stage_checkpoint_is_deterministic(prepared, tmp_path):
     # A stand-in Stage 2 checkpoint: clipreid.init names a stage, so nothing seeds torch's
     # global generator on the way (create_model only seeds for pretrained).
     start = create_model("clipid-vit-tiny", "", seed=7)
-    save_checkpoint(start.model.state_dict(), tmp_path / "stage2" / "model.safetensors",
+    models = tmp_path / "models"
+    save_checkpoint(start.model.state_dict(), models / "stage2" / "model.safetensors",
                     {"architecture": "clipid-vit-tiny"})
     params = micro_params(clipreid={"init": "stage2"})
-    learn_prompts(params, device=CPU, prepared=prepared, models_dir=tmp_path)
+    learn_prompts(params, device=CPU, prepared=prepared, models_dir=models)
     weights = []
     for _ in range(2):
         torch.randn(5)  # the global generator is elsewhere on the second run
-        classifier, extra = load_text_classifier(params, CPU, prepared, tmp_path)
-        trainer = Trainer(params, "clipreid", device=CPU, prepared=prepared, models_dir=tmp_path,
-                          resume_dir=tmp_path / ".resume", spec=image_stage_spec(params.clipreid),
+        classifier, extra = load_text_classifier(params, CPU, prepared, models)
+        trainer = Trainer(params, "clipreid", device=CPU, prepared=prepared, models_dir=models,
+                          resume_dir=tmp_path / ".resume", spec=image_stage_spec(params),
                           text_classifier=classifier, metadata=extra)
         weights.append(load_checkpoint(trainer.fit().checkpoint))
     (first, meta), (second, _) = weights
-    assert meta["parent"] == str(tmp_path / "stage2" / "model.safetensors")
+    assert meta["parent"] == str(models / "stage2" / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 

@@ -29,7 +29,7 @@ def micro(**train: object) -> dict:
                      "workers": 0},
             "train": {"epochs": 2, "batch_size": 8, "pk_k": 2, "log_every": 1, "workers": 0,
                       **train},
-            "stage4": {"init": "pretrained"}}
+            "stage4": {"init": "stage1"}}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def prepared(tmp_path_factory) -> Path:
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("stage", ["stage2", "stage4"])
 def test_training_on_cuda_learns_with_finite_losses(prepared, tmp_path, stage, options):
-    params = params_from_dict({**micro(**options), stage: {"init": "pretrained"}})
+    params = params_from_dict({**micro(**options), stage: {"init": "stage1"}})
     logged: list[dict[str, float]] = []
     trainer = Trainer(params, stage, device=CUDA, prepared=prepared, models_dir=tmp_path,
                       resume_dir=tmp_path / "resume", on_log=lambda m, s: logged.append(m))

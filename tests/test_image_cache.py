@@ -77,7 +77,7 @@ def _train(prepared: Path, models: Path, cache: bool, workers: int) -> dict:
     params = params_from_dict({"train": {"epochs": 1, "batch_size": 8, "pk_k": 2,
                                          "workers": workers, "augment_device": "batch",
                                          "image_cache": cache},
-                               "stage4": {"init": "pretrained"}})
+                               "stage4": {"init": "stage1"}})
     trainer = Trainer(params, "stage4", device=torch.device("cpu"), prepared=prepared,
                       models_dir=models, resume_dir=models / ".resume",
                       image_cache_dir=models / "cache")

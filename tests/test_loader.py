@@ -29,7 +29,7 @@ def raw_params(workers, **train) -> dict:
                      "workers": 0},
             "train": {"epochs": 2, "batch_size": 8, "pk_k": 2, "log_every": 1,
                       "workers": workers, **train},
-            "stage4": {"init": "pretrained", "epochs": 2}}
+            "stage4": {"init": "stage1", "epochs": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def kill_in_second_epoch():
 
 
 def test_a_killed_stage_resumes_to_the_same_weights(prepared, tmp_path):
-    params = micro_params(stage4={"init": "pretrained", "center_weight": 0.001})
+    params = micro_params(stage4={"init": "stage1", "center_weight": 0.001})
     reference, _ = load_checkpoint(fit(params, "stage4", prepared, tmp_path / "straight"))
 
     models = tmp_path / "killed"

@@ -9,19 +9,18 @@ failure is a :class:`~clipid.config.ConfigError` naming the file, the line and t
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.util
 import json
 import os
 from pathlib import Path
 
-from clipid.config import ConfigError, Params, StageParams, load_params, param_lines
+from clipid.config import ConfigError, Params, load_params, param_lines
+from clipid.stage_registry import PRETRAINED, init_of, trained_stages
 
 __all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params",
            "load_checked_params", "looks_like_weight_file", "stage_inits"]
 
-PRETRAINED = "pretrained"  # the `init` of a stage that starts from model.name/model.pretrained
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # clipid's own architectures (clipid.models registers this folder with open_clip).
 CLIPID_MODEL_CONFIGS = Path(__file__).parent / "models" / "model_configs"
@@ -55,20 +54,16 @@ def check_params(params: Params, source: str = "<params>",
 
 
 def stage_inits(params: Params) -> dict[str, str]:
-    """Training stage -> the ``init`` it starts from: every stage section, and ``clipreid``
-    (whose image stage writes ``models/clipreid``, which a stage may start from)."""
-    inits = {f.name: getattr(params, f.name).init for f in dataclasses.fields(params)
-             if isinstance(getattr(params, f.name), StageParams)}
-    inits["clipreid"] = params.clipreid.init
-    return inits
+    """Training stage -> the stage whose model it starts from (``clipreid``'s prompts start
+    from the same model as its image stage)."""
+    return {stage: init_of(params, stage) for stage in trained_stages()}
 
 
 def _check_inits(params: Params, where: _Where) -> None:
     inits = stage_inits(params)
     for stage, init in inits.items():
         if init != PRETRAINED and init not in inits:
-            hint = " (Stage 1 is the pretrained model: write 'pretrained')" if init == "stage1" \
-                else ""
+            hint = f" (the pretrained model is '{PRETRAINED}')" if init == "pretrained" else ""
             raise ConfigError(f"{where(f'{stage}.init')}: '{stage}.init' is '{init}', which names "
                               f"no stage{hint}; allowed: {PRETRAINED}, {', '.join(inits)}")
     for start in inits:

@@ -153,7 +153,7 @@ class TrainParams:
 class StageParams:
     """What one fine-tuning stage trains and how: the engine reads nothing else per stage."""
 
-    init: str = "pretrained"
+    init: str = "stage1"           # the stage whose model this one starts from
     train_image: bool = True
     train_text: bool = False
     loss: Literal["supcon", "infonce", "none"] = "supcon"
@@ -172,7 +172,7 @@ class ClipReidParams:
     """CLIP-ReID (Li et al., AAAI 2023): per-identity prompts learnt against the frozen towers
     (stage ``clipreid_prompts``), then the image tower aligned to them (``clipreid_image``)."""
 
-    init: Literal["pretrained", "stage2", "stage3"] = "pretrained"
+    init: str = "stage1"  # stage1 (the pretrained model), stage2 or stage3
     noun: str = "garment"
     template: str = "a photo of a {ctx} {noun}."
     n_ctx: int = _spec(4, ge=1, le=32)

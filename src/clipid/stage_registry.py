@@ -130,6 +130,6 @@ def init_of(params: Params, name: str) -> str | None:
     info = get_stage(name)
     if info.kind == "pretrained":
         return None
-    if info.kind == "train":
-        return stage_spec(params, name).init
-    return getattr(params, info.section or name).init
+    if info.section is not None:  # read, not built: the params checks import no torch
+        return getattr(params, info.section).init
+    return stage_spec(params, name).init

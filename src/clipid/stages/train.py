@@ -33,7 +33,7 @@ def train_stage(params: Params, stage: str, prepared: Path = Path("data/prepared
             extra: dict = {}
             if clipreid:
                 classifier, metadata = load_text_classifier(params, device, prepared, models_dir)
-                extra = {"spec": image_stage_spec(params.clipreid),
+                extra = {"spec": image_stage_spec(params),
                          "text_classifier": classifier, "metadata": metadata}
             trainer = Trainer(params, stage, device=device, prepared=prepared,
                               models_dir=models_dir,

@@ -50,9 +50,11 @@ from clipid.losses import (
     world_info,
 )
 from clipid.models.checkpoint import file_sha256, save_checkpoint
-from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.models.factory import ClipModel, load_model
+from clipid.models.stages import model_for_stage
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.samplers import PKSampler, ShardedRandomSampler
+from clipid.stage_registry import PRETRAINED, model_stages
 from clipid.training.heads import BNNeckClassifier
 from clipid.training.schedule import param_groups, warmup_cosine
 from clipid.training.state import load_state, save_state
@@ -236,15 +238,15 @@ class Trainer:
         if spec.train_text and spec.loss == "none":
             raise ClipidError(f"{self.stage}: train_text needs an image-text loss "
                               "(stage.loss supcon or infonce)")
-        if spec.init not in ("pretrained", *FINE_TUNING_STAGES, "clipreid"):
-            raise ClipidError(f"{self.stage}.init: '{spec.init}' is not 'pretrained' nor a stage")
+        if spec.init not in model_stages():
+            raise ClipidError(f"{self.stage}.init: '{spec.init}' names no stage with a model "
+                              f"({', '.join(model_stages())})")
         if spec.init == self.stage:
             raise ClipidError(f"{self.stage}.init: a stage cannot start from itself")
 
     def _initial_model(self) -> ClipModel:
-        if self.spec.init == "pretrained":
-            return create_model(self.params.model.name, self.params.model.pretrained,
-                                seed=self.params.train.seed, device=self.device)
+        if self.spec.init == PRETRAINED:  # (issue 15: a Workspace replaces models_dir next)
+            return model_for_stage(self.params, PRETRAINED, self.device)
         return load_model(self.models_dir / self.spec.init / "model.safetensors",
                           device=self.device)
 

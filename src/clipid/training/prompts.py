@@ -29,14 +29,16 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from tqdm import tqdm
 
-from clipid.config import ClipReidParams, Params, StageParams, flatten_params
+from clipid.config import Params, StageParams, flatten_params
 from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.features import image_features, text_features
 from clipid.losses import PromptContrastiveLoss
 from clipid.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint, sidecar_path
-from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.models.factory import ClipModel, load_model
+from clipid.models.stages import model_for_stage
 from clipid.runtime import autocast, grad_scaler, resolve_precision
+from clipid.stage_registry import get_stage
 from clipid.training.engine import TextClassifier
 from clipid.training.schedule import warmup_cosine
 
@@ -67,9 +69,10 @@ def fill_template(template: str, noun: str, ctx: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def image_stage_spec(cfg: ClipReidParams) -> StageParams:
+def image_stage_spec(params: Params) -> StageParams:
     """The engine's description of ``clipreid_image``: image tower only, no image-text
     contrastive term (the prompts' cross-entropy replaces it), identity losses, PK sampler."""
+    cfg = params.clipreid
     return StageParams(init=cfg.init, train_image=True, train_text=False, loss="none",
                        contrastive_weight=0.0, id_weight=cfg.id_weight,
                        triplet_weight=cfg.triplet_weight, center_weight=cfg.center_weight,
@@ -81,12 +84,11 @@ def init_model(params: Params, device: torch.device, models_dir: Path = Path("mo
     """The model both CLIP-ReID stages start from (``clipreid.init``) and what identifies its
     weights: prompts only make sense with the text tower they were learnt against."""
     init = params.clipreid.init
-    if init == "pretrained":
-        clip = create_model(params.model.name, params.model.pretrained, seed=params.train.seed,
-                            device=device)
+    if get_stage(init).kind == "pretrained":
+        clip = model_for_stage(params, init, device)
         ident = {"init": init, "architecture": clip.architecture, "weights": clip.weights,
                  "seed": params.train.seed if clip.weights == "random" else None}
-    else:
+    else:  # (issue 15: a Workspace replaces models_dir next)
         path = models_dir / init / "model.safetensors"
         if not path.is_file():
             raise ClipidError(f"clipreid.init is '{init}' but {path} does not exist; train "
