@@ -16,7 +16,15 @@ import os
 from pathlib import Path
 
 from clipid.config import ConfigError, Params, load_params, param_lines
-from clipid.stage_registry import PRETRAINED, init_of, trained_stages
+from clipid.stage_registry import (
+    FORMER_PRETRAINED_NAMES,
+    PRETRAINED,
+    get_stage,
+    init_of,
+    model_stages,
+    stage_spec,
+    trained_stages,
+)
 
 __all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params",
            "load_checked_params", "looks_like_weight_file", "stage_inits"]
@@ -49,6 +57,7 @@ def check_params(params: Params, source: str = "<params>",
     """Raise :class:`~clipid.config.ConfigError` on the first problem found."""
     where = _Where(source, lines or {})
     _check_inits(params, where)
+    _check_search_models(params, where)
     _check_model(params, where)
     _check_batches(params, where)
 
@@ -63,7 +72,7 @@ def _check_inits(params: Params, where: _Where) -> None:
     inits = stage_inits(params)
     for stage, init in inits.items():
         if init != PRETRAINED and init not in inits:
-            hint = f" (the pretrained model is '{PRETRAINED}')" if init == "pretrained" else ""
+            hint = _former_name(init)
             raise ConfigError(f"{where(f'{stage}.init')}: '{stage}.init' is '{init}', which names "
                               f"no stage{hint}; allowed: {PRETRAINED}, {', '.join(inits)}")
     for start in inits:
@@ -77,6 +86,23 @@ def _check_inits(params: Params, where: _Where) -> None:
                                   f"of inits ({steps}); one stage of it must start from "
                                   f"'{PRETRAINED}' or from a stage outside it")
             chain.append(nxt)
+
+
+def _former_name(name: str) -> str:
+    """`` (the pretrained model is 'stage1')`` for a name Stage 1 had before."""
+    return f" (the pretrained model is '{PRETRAINED}')" if name in FORMER_PRETRAINED_NAMES \
+        else ""
+
+
+def _check_search_models(params: Params, where: _Where) -> None:
+    """``search.model.image``/``.text`` name stages with a model (the index embeds with it)."""
+    allowed = model_stages()
+    for kind in ("image", "text"):
+        key = f"search.model.{kind}"
+        name = getattr(params.search.model, kind)
+        if name not in allowed:
+            raise ConfigError(f"{where(key)}: '{key}' is '{name}', which names no stage with a "
+                              f"model{_former_name(name)}; allowed: {', '.join(allowed)}")
 
 
 def looks_like_weight_file(pretrained: str) -> bool:
@@ -133,11 +159,18 @@ def _check_batches(params: Params, where: _Where) -> None:
         raise ConfigError(f"{where('train.batch_size')}: 'train.batch_size' ({batch}) is not a "
                           f"multiple of 'train.nproc' ({nproc}): each process trains on "
                           "batch_size / nproc images")
-    # clipreid's image stage always draws P identities x K images.
-    pk_stages = [stage for stage in stage_inits(params)
-                 if stage == "clipreid" or getattr(params, stage).sampler == "pk"]
+    pk_stages = [stage for stage in trained_stages() if _sampler(params, stage) == "pk"]
     if (batch // nproc) % k:
         per_process = f" / 'train.nproc' ({nproc})" if nproc > 1 else ""
         raise ConfigError(f"{where('train.batch_size')}: 'train.batch_size' ({batch}){per_process}"
                           f" is not a multiple of 'train.pk_k' ({k}), as the PK sampler of "
                           f"{', '.join(pk_stages)} needs (P identities x K images per process)")
+
+
+def _sampler(params: Params, stage: str) -> str:
+    """The sampler a training stage draws with: the registry's where the stage fixes it
+    (CLIP-ReID's image stage: P identities x K images), else its params section's."""
+    info = get_stage(stage)
+    if info.sampler is not None:
+        return info.sampler
+    return stage_spec(params, stage).sampler

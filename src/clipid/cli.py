@@ -10,33 +10,25 @@ from pathlib import Path
 from clipid.checks import load_checked_params
 from clipid.config import load_params
 from clipid.errors import ClipidError
-
-PREPARED = Path("data/prepared")
+from clipid.stage_registry import model_stages, trained_stages
 
 
 def _fingerprint(args: argparse.Namespace) -> None:
     from clipid.stages.fingerprint import fingerprint_stage
 
-    fingerprint_stage(load_params(args.params), Path("data/fingerprint.json"))
+    fingerprint_stage(load_params(args.params))
 
 
 def _prepare(args: argparse.Namespace) -> None:
     from clipid.stages.prepare import prepare
 
-    prepare(load_params(args.params), PREPARED, Path("metrics/data.json"))
+    prepare(load_params(args.params))
 
 
 def _clean_captions(args: argparse.Namespace) -> None:
     from clipid.stages.clean_captions import clean_captions
 
-    clean_captions(load_params(args.params), PREPARED / "manifest.csv",
-                   PREPARED / "image_texts.json", Path("metrics/captions.json"))
-
-
-def _zeroshot(args: argparse.Namespace) -> None:
-    from clipid.stages.evaluate import PRETRAINED_STAGE, evaluate_stage
-
-    evaluate_stage(load_params(args.params), PRETRAINED_STAGE)
+    clean_captions(load_params(args.params))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -165,11 +157,11 @@ COMMANDS = {
                     "data/fingerprint.json"),
     "prepare": (_prepare, "cache the data set's images and write data/prepared/manifest.csv"),
     "clean-captions": (_clean_captions, "clean raw captions into data/prepared/image_texts.json"),
-    "zeroshot": (_zeroshot, "Stage 1: evaluate the pretrained model, no training"),
     "train": (_train, "train one fine-tuning stage into models/<stage>/"),
     "clipreid-prompts": (_clipreid_prompts, "CLIP-ReID: learn the identities' prompts into "
                          "models/clipreid_prompts/"),
-    "evaluate": (_evaluate, "evaluate models/<stage>/ into metrics/<stage>.json"),
+    "evaluate": (_evaluate, "evaluate a stage's model (stage1: the pretrained one, no "
+                 "training) into metrics/<stage>.json"),
     "report": (_report, "compare every stage in metrics/report.md"),
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
@@ -183,7 +175,6 @@ COMMANDS = {
                  "sync replays them into the store"),
 }
 
-TRAINED_STAGES = ("stage2", "stage3", "stage4", "clipreid")
 INSTANT_COMMANDS = ("fingerprint",)  # only validated key by key (config.load_params)
 
 
@@ -193,7 +184,7 @@ def _search_arguments(cmd: argparse.ArgumentParser) -> None:
     query.add_argument("--text", help='find the gallery images matching "a red striped shirt"')
     cmd.add_argument("--top-k", type=int, default=None,
                      help="results to show (default: search.top_k)")
-    cmd.add_argument("--model", choices=("stage1", *TRAINED_STAGES), default=None,
+    cmd.add_argument("--model", choices=model_stages(), default=None,
                      help="the stage whose model ranks (default: search.model.image or .text)")
     cmd.add_argument("--json", action="store_true", help="print the results as JSON")
     cmd.add_argument("--grid", type=Path, default=Path("search.png"),
@@ -207,14 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
                          help="parameter file (default: params.yaml)")
-        if name in ("train", "evaluate"):
-            cmd.add_argument("stage", choices=TRAINED_STAGES, help="the stage")
+        if name == "train":
+            cmd.add_argument("stage", choices=trained_stages(), help="the stage")
+        if name == "evaluate":
+            cmd.add_argument("stage", choices=model_stages(), help="the stage")
         if name == "report":
-            cmd.add_argument("stages", nargs="+", help="stages to compare, in order")
+            cmd.add_argument("stages", nargs="+", choices=model_stages(),
+                             help="stages to compare, in order")
         if name == "register":
-            cmd.add_argument("stages", nargs="+", help="stages that compete, in order")
+            cmd.add_argument("stages", nargs="+", choices=model_stages(),
+                             help="stages that compete, in order")
         if name == "export":
-            cmd.add_argument("stage", nargs="?", choices=("stage1", *TRAINED_STAGES),
+            cmd.add_argument("stage", nargs="?", choices=model_stages(),
                              help="the stage (default: search.model.image and .text)")
             cmd.add_argument("--out", type=Path, default=None,
                              help="output folder (default: models/export/<stage>)")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from clipid.errors import ClipidError
+from clipid.stage_registry import PRETRAINED
 
 __all__ = [
     "ConfigError",
@@ -153,7 +154,7 @@ class TrainParams:
 class StageParams:
     """What one fine-tuning stage trains and how: the engine reads nothing else per stage."""
 
-    init: str = "stage1"           # the stage whose model this one starts from
+    init: str = PRETRAINED         # the stage whose model this one starts from
     train_image: bool = True
     train_text: bool = False
     loss: Literal["supcon", "infonce", "none"] = "supcon"
@@ -172,7 +173,7 @@ class ClipReidParams:
     """CLIP-ReID (Li et al., AAAI 2023): per-identity prompts learnt against the frozen towers
     (stage ``clipreid_prompts``), then the image tower aligned to them (``clipreid_image``)."""
 
-    init: str = "stage1"  # stage1 (the pretrained model), stage2 or stage3
+    init: str = PRETRAINED  # stage1 (the pretrained model), stage2 or stage3
     noun: str = "garment"
     template: str = "a photo of a {ctx} {noun}."
     n_ctx: int = _spec(4, ge=1, le=32)
@@ -191,8 +192,9 @@ class ClipReidParams:
     center_weight: float = _spec(0.0, ge=0)
 
 
-# The models a gallery can be indexed with: Stage 1 is the pretrained model, the rest checkpoints.
-SearchModel = Literal["stage1", "stage2", "stage3", "stage4", "clipreid"]
+# The models a gallery can be indexed with: a stage with a model (Stage 1 is the pretrained
+# model, the rest checkpoints); clipid.checks holds it to clipid.stage_registry.model_stages().
+SearchModel = str
 
 
 @dataclass(frozen=True)

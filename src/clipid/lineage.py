@@ -14,7 +14,9 @@ from typing import Any
 
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import file_sha256, sidecar_path
+from clipid.stage_registry import PRETRAINED
 from clipid.tracking_spool import CHECKPOINT_TAG, format_time
+from clipid.workspace import Workspace
 
 __all__ = ["checkpoint_tags", "lineage_lines", "resolve_checkpoint"]
 
@@ -43,11 +45,12 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def resolve_checkpoint(target: str | Path, models_dir: Path = Path("models")) -> Path:
+def resolve_checkpoint(target: str | Path, workspace: Workspace | None = None) -> Path:
     """A checkpoint file, a folder holding one, or a stage name (``stage2``: models/stage2)."""
+    workspace = workspace or Workspace()
     path = Path(target)
     if not path.exists() and "/" not in str(target):
-        path = models_dir / str(target)
+        path = workspace.stage_dir(str(target))
     if path.is_dir():
         found = sorted(p for p in path.glob("*.safetensors") if sidecar_path(p).is_file())
         if len(found) != 1:
@@ -55,7 +58,8 @@ def resolve_checkpoint(target: str | Path, models_dir: Path = Path("models")) ->
                               f"sidecar), found {len(found)}")
         path = found[0]
     if not path.is_file():
-        raise ClipidError(f"{target}: no such checkpoint, folder or stage under {models_dir}")
+        raise ClipidError(f"{target}: no such checkpoint, folder or stage under "
+                          f"{workspace.models}")
     if path.suffix != ".safetensors" or not sidecar_path(path).is_file():
         raise ClipidError(f"{path}: not a clipid checkpoint (.safetensors with a .json sidecar)")
     return path
@@ -107,7 +111,7 @@ def lineage_lines(client: Any, sha256: str, label: str,
         sha256 = tags.get(PARENT_TAG, "")
         label = f"parent {tags.get('clipid.parent', '?')}"
         if not sha256:
-            lines.append(f"{indent}parent {tags.get('clipid.parent') or 'pretrained'} "
+            lines.append(f"{indent}parent {tags.get('clipid.parent') or PRETRAINED} "
                          "(not a checkpoint: the start of the line)")
         indent += "  "
     return lines, found

@@ -23,10 +23,13 @@ from clipid.errors import ClipidError
 if TYPE_CHECKING:
     from clipid.config import Params, StageParams
 
-__all__ = ["PRETRAINED", "StageInfo", "STAGES", "get_stage", "init_of", "model_stages",
-           "register_stage", "stage_spec", "trained_stages", "unregister_stage"]
+__all__ = ["FORMER_PRETRAINED_NAMES", "PRETRAINED", "StageInfo", "STAGES", "get_stage", "init_of",
+           "model_stages", "register_stage", "stage_spec", "trained_stages", "unregister_stage"]
 
 PRETRAINED = "stage1"  # Stage 1: model.name with model.pretrained, no training; the only name
+# The names Stage 1 had before it had one (an init, a DVC stage): the params checks point
+# them at PRETRAINED.
+FORMER_PRETRAINED_NAMES = ("pretrained", "zeroshot")
 
 Kind = Literal["pretrained", "train", "prompts"]
 # A callable, or "module:function" imported when first used (keeps this module light).
@@ -52,6 +55,16 @@ class StageInfo:
     # train: loss terms beyond the description's (CLIP-ReID's prompts); see clipid.training.
     extra_terms: Ref | None = None
     weights_file: str = "model.safetensors"
+    # train: the sampler the stage always draws with, whatever its section says (the params
+    # checks read it without building the description, which would import torch).
+    sampler: str | None = None
+    # report: (Params) -> str, one line of what the stage does; None: built from its spec.
+    describe: Ref | None = None
+
+    @property
+    def is_pretrained(self) -> bool:
+        """Stage 1: built from ``model.*``, no checkpoint, no training run."""
+        return self.kind == "pretrained"
 
     @property
     def has_model(self) -> bool:
@@ -85,7 +98,8 @@ for _info in (
     StageInfo("clipreid", "train", "CLIP-ReID: image tower against the prompts",
               "clipreid_image", section="clipreid",
               spec="clipid.training.prompts:image_stage_spec",
-              extra_terms="clipid.training.prompts:prompt_terms"),
+              extra_terms="clipid.training.prompts:prompt_terms", sampler="pk",
+              describe="clipid.stages.report:describe_clipreid"),
 ):
     register_stage(_info)
 

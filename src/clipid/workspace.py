@@ -27,8 +27,17 @@ class Workspace:
         return self.root / "data" / "prepared"
 
     @property
+    def images(self) -> Path:
+        return self.prepared / "images"
+
+    @property
     def manifest(self) -> Path:
         return self.prepared / "manifest.csv"
+
+    @property
+    def rejected(self) -> Path:
+        """Every input image prepare did not use, with the reason."""
+        return self.prepared / "rejected.csv"
 
     @property
     def image_texts(self) -> Path:
@@ -61,6 +70,25 @@ class Workspace:
     def metrics(self) -> Path:
         return self.root / "metrics"
 
+    @property
+    def data_metrics(self) -> Path:
+        """prepare's counts of images and identities per split."""
+        return self.metrics / "data.json"
+
+    @property
+    def caption_metrics(self) -> Path:
+        """clean_captions' count of every fix."""
+        return self.metrics / "captions.json"
+
+    @property
+    def index_metrics(self) -> Path:
+        return self.metrics / "index.json"
+
+    @property
+    def register_metrics(self) -> Path:
+        """The champion stages the register stage chose."""
+        return self.metrics / "register.json"
+
     def stage_metrics(self, stage: str) -> Path:
         return self.metrics / f"{stage}.json"
 
@@ -74,6 +102,10 @@ class Workspace:
     def report(self) -> Path:
         """metrics/report.md; its figures go under metrics/report/."""
         return self.metrics / "report.md"
+
+    @property
+    def report_figures(self) -> Path:
+        return self.metrics / "report"
 
     # ------------------------------------------------------------------ .clipid/ (not DVC's)
     @property

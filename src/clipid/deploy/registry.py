@@ -18,6 +18,8 @@ from typing import Any
 from clipid.config import Params
 from clipid.deploy import CHAMPION, IMAGE_MODEL, TEXT_MODEL
 from clipid.errors import ClipidError
+from clipid.stage_registry import get_stage
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +90,29 @@ def log_checkpoint_model(client: Any, run_id: str, checkpoint: Path, stage: str
     return log_stage_model(client, run_id, load_model(checkpoint), stage)
 
 
-def stage_digest(params: Params, stage: str, models_dir: Path = Path("models")) -> str | None:
+def stage_digest(params: Params, stage: str, workspace: Workspace | None = None
+                 ) -> str | None:
     """SHA-256 of the weights the stage's MLflow Model holds; None when the stage has none."""
     from clipid.models.checkpoint import file_sha256
 
-    if stage != "stage1":
-        checkpoint = models_dir / stage / "model.safetensors"
+    if not get_stage(stage).is_pretrained:
+        checkpoint = (workspace or Workspace()).weights(stage)
         return file_sha256(checkpoint) if checkpoint.is_file() else None
     from clipid.deploy.pyfunc import weights_file
-    from clipid.models.factory import create_model
+    from clipid.models.stages import model_for_stage
 
-    clip = create_model(params.model.name, params.model.pretrained, seed=params.train.seed)
+    clip = model_for_stage(params, stage)  # recreated as Stage 1 made it
     with tempfile.TemporaryDirectory(prefix="clipid-digest-") as tmp:
         return file_sha256(weights_file(clip, Path(tmp)))
 
 
-def best_stages(stages: list[str], metrics_dir: Path = Path("metrics")) -> list[Champion]:
+def best_stages(stages: list[str], workspace: Workspace | None = None) -> list[Champion]:
     """The stage with the best figure for each registered model, first stage winning ties.
     Stages without the figure (no text tower, no t2i) don't compete."""
+    workspace = workspace or Workspace()
     figures = {}
     for stage in stages:
-        path = metrics_dir / f"{stage}.json"
+        path = workspace.stage_metrics(stage)
         if not path.is_file():
             raise ClipidError(f"{path}: not found; run the evaluation of {stage} first")
         figures[stage] = json.loads(path.read_text(encoding="utf-8"))

@@ -37,7 +37,7 @@ def model_for_stage(params: Params, stage: str, device: torch.device | str | Any
     if not info.has_model:
         raise ClipidError(f"'{stage}' has no model (stages with one: "
                           f"{', '.join(model_stages())})")
-    if info.kind == "pretrained":
+    if info.is_pretrained:
         return create_model(params.model.name, params.model.pretrained, seed=params.train.seed,
                             device=device)
     return load_model(stage_weights(stage, workspace), device=device)

@@ -17,13 +17,14 @@ from clipid.data.dataset import PreparedData
 from clipid.data.images import ImageRejected, load_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
+from clipid.models.stages import model_for_stage
 from clipid.search.gallery import GalleryIndex, Hit, model_fingerprint
-from clipid.stages.evaluate import model_for_stage
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchResult", "has_text_tower", "embed_image", "embed_pil", "embed_text", "search",
-           "index_dir", "load_gallery", "rank", "warn_if_stale"]
+           "load_gallery", "rank", "warn_if_stale"]
 
 
 @dataclass
@@ -37,10 +38,6 @@ class SearchResult:
     def as_dict(self) -> dict:
         return {"query": {self.kind: self.query}, "model": self.model, "backend": self.backend,
                 "results": [vars(h) for h in self.hits]}
-
-
-def index_dir(model: str, models_dir: Path = Path("models")) -> Path:
-    return models_dir / "index" / model
 
 
 def has_text_tower(model: torch.nn.Module) -> bool:
@@ -87,24 +84,24 @@ def embed_text(clip: ClipModel, text: str, model_name: str,
 
 
 def load_gallery(params: Params, clip: ClipModel, model: str, device: torch.device,
-                 models_dir: Path = Path("models"),
-                 prepared: Path = Path("data/prepared")) -> GalleryIndex:
+                 workspace: Workspace | None = None) -> GalleryIndex:
     """The index the ``index`` stage built for ``model``; for a model it did not index, the
     gallery is embedded now (and not kept)."""
-    directory = index_dir(model, models_dir)
+    workspace = workspace or Workspace()
+    directory = workspace.index_dir(model)
     if (directory / "index.json").is_file():
         return GalleryIndex.load(directory)
     log.warning("%s: no index for %s (search.model names the indexed models); embedding the "
                 "gallery now", directory, model)
-    return GalleryIndex.build(clip, model, PreparedData.load(prepared, with_texts=False),
+    return GalleryIndex.build(clip, model, PreparedData.load(workspace.prepared,
+                                                            with_texts=False),
                               params.eval, params.search.backend, params.search.faiss,
                               device=device, seed=params.train.seed)
 
 
 def search(params: Params, *, image: Path | None = None, text: str | None = None,
            model: str | None = None, top_k: int | None = None, device: torch.device | str = "cpu",
-           models_dir: Path = Path("models"),
-           prepared: Path = Path("data/prepared")) -> SearchResult:
+           workspace: Workspace | None = None) -> SearchResult:
     """Rank the gallery for one image or one text query."""
     if (image is None) == (text is None):
         raise ClipidError("give exactly one of --image PATH or --text TEXT")
@@ -119,13 +116,13 @@ def search(params: Params, *, image: Path | None = None, text: str | None = None
         raise ClipidError(f"--image {image}: no such file")
     if text is not None and not text.strip():
         raise ClipidError("--text: the query text is empty")
-    clip = model_for_stage(params, model, device, models_dir)
+    clip = model_for_stage(params, model, device, workspace)
     if kind == "image":
-        gallery = load_gallery(params, clip, model, device, models_dir, prepared)
+        gallery = load_gallery(params, clip, model, device, workspace)
         query = embed_image(clip, Path(image), flip=bool(gallery.info.get("flip")), device=device)
     else:
         query = embed_text(clip, text, model, device=device)
-        gallery = load_gallery(params, clip, model, device, models_dir, prepared)
+        gallery = load_gallery(params, clip, model, device, workspace)
     warn_if_stale(gallery, clip, model)
     return rank(gallery, query, kind, str(image) if image is not None else text, model, top_k)
 

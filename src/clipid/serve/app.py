@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 
 from clipid.config import Params
 from clipid.serve.service import QueryRejected, SearchService
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,14 @@ def create_app(service: SearchService) -> FastAPI:
 
 
 def serve(params: Params, host: str | None = None, port: int | None = None,
-          models_dir: Path = Path("models"), prepared: Path = Path("data/prepared")) -> None:
+          workspace: Workspace | None = None) -> None:
     """Load the models and indexes, then answer on ``host:port`` until interrupted."""
     import uvicorn
 
     from clipid.runtime import setup_runtime
 
     device = setup_runtime(params.runtime)
-    service = SearchService.load(params, device, models_dir, prepared)
+    service = SearchService.load(params, device, workspace)
     host = host or params.serve.host
     port = port or params.serve.port
     log.info("serve: http://%s:%d/", host, port)

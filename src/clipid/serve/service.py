@@ -20,6 +20,7 @@ from clipid.config import Params
 from clipid.data.images import ImageRejected, decode_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
+from clipid.models.stages import model_for_stage
 from clipid.search.gallery import GalleryIndex
 from clipid.search.query import (
     embed_pil,
@@ -29,7 +30,7 @@ from clipid.search.query import (
     rank,
     warn_if_stale,
 )
-from clipid.stages.evaluate import model_for_stage
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,14 @@ class SearchService:
                            for image in loaded.gallery.table["image"]}
 
     @classmethod
-    def load(cls, params: Params, device: Any = "cpu", models_dir: Path = Path("models"),
-             prepared: Path = Path("data/prepared")) -> SearchService:
+    def load(cls, params: Params, device: Any = "cpu",
+             workspace: Workspace | None = None) -> SearchService:
         """The image and text models that ``search.model`` names, with their indexes."""
         default = {"image": params.search.model.image, "text": params.search.model.text}
         models = {}
         for name in dict.fromkeys(default.values()):
-            clip = model_for_stage(params, name, device, models_dir)
-            gallery = load_gallery(params, clip, name, device, models_dir, prepared)
+            clip = model_for_stage(params, name, device, workspace)
+            gallery = load_gallery(params, clip, name, device, workspace)
             warn_if_stale(gallery, clip, name)
             models[name] = LoadedModel(clip, gallery)
             log.info("serve: %s model with %d gallery images (%s)", name, len(gallery.table),

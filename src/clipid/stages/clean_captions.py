@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
 from clipid.config import Params
 from clipid.data.captions import CaptionCleaner
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def clean_captions(params: Params, manifest: Path, out: Path, metrics_path: Path) -> dict:
+def clean_captions(params: Params, workspace: Workspace | None = None) -> dict:
+    """The workspace's manifest -> its ``image_texts.json`` and ``metrics/captions.json``;
+    returns the counts written to the latter."""
     from open_clip.tokenizer import SimpleTokenizer
 
     from clipid.models import text_context_length
 
+    workspace = workspace or Workspace()
+    manifest, out, metrics_path = (workspace.manifest, workspace.image_texts,
+                                   workspace.caption_metrics)
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     images = table.drop_duplicates("image")  # an image repeated across draws has one caption
     cleaner = CaptionCleaner(encode=SimpleTokenizer().encode,

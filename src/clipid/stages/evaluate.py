@@ -1,41 +1,29 @@
-"""Stages ``zeroshot`` (Stage 1) and ``evaluate``: the shared evaluation of one model.
+"""Stage ``evaluate`` (``evaluate_stage1`` and ``evaluate@<stage>`` in dvc.yaml): the shared
+evaluation of one model stage.
 
 Stage 1 is the pretrained model as ``model.name``/``model.pretrained`` give it; every later stage
-is read from its checkpoint ``models/<stage>/model.safetensors``.
+is read from its checkpoint ``models/<stage>/model.safetensors`` (see
+:func:`clipid.models.stages.model_for_stage`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
 from clipid.evaluation import EvalResult, evaluate, write_results
-from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.models.stages import model_for_stage
 from clipid.runtime import setup_runtime, teardown_runtime
+from clipid.stage_registry import get_stage
 from clipid.tracking import Tracker
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-PRETRAINED_STAGE = "stage1"
 
-
-def checkpoint_path(stage: str, models_dir: Path = Path("models")) -> Path:
-    return models_dir / stage / "model.safetensors"
-
-
-def model_for_stage(params: Params, stage: str, device, models_dir: Path = Path("models")
-                    ) -> ClipModel:
-    if stage == PRETRAINED_STAGE:
-        return create_model(params.model.name, params.model.pretrained, seed=params.train.seed,
-                            device=device)
-    return load_model(checkpoint_path(stage, models_dir), device=device)
-
-
-def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepared"),
-                   metrics_dir: Path = Path("metrics"), models_dir: Path = Path("models")
+def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = None
                    ) -> EvalResult | None:
     """Evaluate one stage's model and log the figures to MLflow.
 
@@ -43,10 +31,12 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     the checkpoint); Stage 1 has no training run, so it gets a run of its own. The evaluation
     time goes to MLflow only: metrics/ are DVC outputs and must not change between reruns.
     """
+    workspace = workspace or Workspace()
+    pretrained = get_stage(stage).is_pretrained
     device = setup_runtime(params.runtime)
     try:
-        clip = model_for_stage(params, stage, device, models_dir)
-        data = PreparedData.load(prepared)
+        clip = model_for_stage(params, stage, device, workspace)
+        data = PreparedData.load(workspace.prepared)
         start = time.perf_counter()
         result = evaluate(clip, data, params.eval, device=device)
         seconds = time.perf_counter() - start
@@ -55,20 +45,21 @@ def evaluate_stage(params: Params, stage: str, prepared: Path = Path("data/prepa
     if result is None:  # not rank 0: rank 0 scores and writes
         return None
     extra = {"model": {"architecture": clip.architecture, "weights": clip.weights}}
-    metrics_path = metrics_dir / f"{stage}.json"
-    cmc_path = metrics_dir / "cmc" / f"{stage}.json"
-    examples_path = metrics_dir / "examples" / f"{stage}.json"
+    metrics_path = workspace.stage_metrics(stage)
+    cmc_path = workspace.stage_cmc(stage)
+    examples_path = workspace.stage_examples(stage)
     write_results(result, metrics_path, cmc_path, extra, examples_path)
     i2i, t2i = result.metrics["i2i"], result.metrics.get("t2i", {})
     log.info("%s: i2i R1 %.4f mAP %.4f | t2i R1 %.4f mAP %.4f", stage, i2i["R1"],
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
 
-    dvc_stage = "zeroshot" if stage == PRETRAINED_STAGE else f"evaluate@{stage}"
-    checkpoint = None if stage == PRETRAINED_STAGE else checkpoint_path(stage, models_dir)
+    # Stage 1's own dvc.yaml stage evaluates it; a trained stage's is evaluate@<stage>.
+    dvc_stage = get_stage(stage).dvc_stage if pretrained else f"evaluate@{stage}"
+    checkpoint = None if pretrained else workspace.weights(stage)
     with Tracker(stage=dvc_stage, params=params, run_name=stage,
                  checkpoint=checkpoint) as tracker:
         tracker.log_metrics({**eval_metrics(result.metrics), "eval_seconds": seconds})
-        if stage == PRETRAINED_STAGE:  # trained stages logged theirs when training
+        if pretrained:  # trained stages logged theirs when training
             tracker.log_model(clip, stage)
         # Three files of one name: in one folder each would overwrite the one before.
         for path, folder in ((metrics_path, "eval"), (cmc_path, "eval/cmc"),

@@ -9,23 +9,25 @@ from pathlib import Path
 from clipid.config import Params
 from clipid.deploy.onnx import export_model
 from clipid.errors import ClipidError
-from clipid.stages.evaluate import model_for_stage
+from clipid.models.stages import model_for_stage
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
 def export_stage(params: Params, stage: str | None = None, out: Path | None = None,
-                 models_dir: Path = Path("models")) -> list[Path]:
+                 workspace: Workspace | None = None) -> list[Path]:
     """``stage`` into ``out``; without a stage, search.model.image and search.model.text (the
     models behind ``clipid search``) into ``models/export/<stage>/``."""
+    workspace = workspace or Workspace()
     if stage is None and out is not None:
         raise ClipidError("--out needs a STAGE (the default exports search.model.image and .text)")
     stages = [stage] if stage else list(dict.fromkeys(
         [params.search.model.image, params.search.model.text]))
     written: list[Path] = []
     for name in stages:
-        clip = model_for_stage(params, name, "cpu", models_dir)
-        folder = out or models_dir / "export" / name
+        clip = model_for_stage(params, name, "cpu", workspace)
+        folder = out or workspace.export_dir(name)
         written += export_model(clip, name, folder)
         print(f"export: {name} -> {', '.join(str(p) for p in written if p.parent == folder)}")
     return written

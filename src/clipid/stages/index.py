@@ -11,28 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
+from clipid.models.stages import model_for_stage
 from clipid.runtime import is_main_process, setup_runtime, teardown_runtime
 from clipid.search.gallery import GalleryIndex
 from clipid.search.index import FaissIndex, recall_against_exact
-from clipid.search.query import index_dir
-from clipid.stages.evaluate import model_for_stage
 from clipid.tracking import Tracker
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 __all__ = ["index_stage"]
 
 
-def index_stage(params: Params, prepared: Path = Path("data/prepared"),
-                models_dir: Path = Path("models"),
-                metrics_path: Path = Path("metrics/index.json")) -> dict[str, dict]:
+def index_stage(params: Params, workspace: Workspace | None = None) -> dict[str, dict]:
+    workspace = workspace or Workspace()
+    metrics_path = workspace.index_metrics
     device = setup_runtime(params.runtime)
     try:
-        built = _build_all(params, prepared, models_dir, device)
+        built = _build_all(params, workspace, device)
     finally:
         teardown_runtime()  # under torchrun: every rank has embedded its share
     if built is None:  # not rank 0: rank 0 writes the indexes and the metrics
@@ -49,22 +48,22 @@ def index_stage(params: Params, prepared: Path = Path("data/prepared"),
     return summary
 
 
-def _build_all(params: Params, prepared: Path, models_dir: Path, device
+def _build_all(params: Params, workspace: Workspace, device
                ) -> tuple[dict[str, dict], dict[str, float]] | None:
     """Each model's gallery index, written by rank 0: ``(summary, build seconds)`` per model
     (``None`` on the other ranks)."""
-    data = PreparedData.load(prepared, with_texts=False)
+    data = PreparedData.load(workspace.prepared, with_texts=False)
     models = dict.fromkeys([params.search.model.image, params.search.model.text])
     summary: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     for model in models:
-        clip = model_for_stage(params, model, device, models_dir)
+        clip = model_for_stage(params, model, device, workspace)
         start = time.perf_counter()
         gallery = GalleryIndex.build(clip, model, data, params.eval, params.search.backend,
                                      params.search.faiss, device=device, seed=params.train.seed)
         if gallery is None:
             continue
-        gallery.save(index_dir(model, models_dir))
+        gallery.save(workspace.index_dir(model))
         entry = {"images": len(gallery.table), "dim": gallery.info["dim"],
                  "backend": params.search.backend}
         seconds[model] = time.perf_counter() - start

@@ -32,6 +32,7 @@ from clipid.config import Params
 from clipid.data.images import ImageRejected, cache_image
 from clipid.data.sources import SPLITS, Record, SourceError, read_source
 from clipid.errors import ClipidError
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,12 @@ def _unique_images(records: Iterable[Record]) -> dict[str, str]:
     return owner
 
 
-def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
-    """Run the stage; returns the content written to ``metrics_path``."""
+def prepare(params: Params, workspace: Workspace | None = None) -> dict:
+    """Run the stage into the workspace's ``data/prepared/``; returns the content written to
+    its ``metrics/data.json``."""
+    workspace = workspace or Workspace()
+    out_dir, metrics_path, rejected_file = (workspace.prepared, workspace.data_metrics,
+                                            workspace.rejected)
     data = params.data
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a rerun must not keep images of an earlier source
@@ -87,7 +92,7 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
         records = [rec for rec in listed if not rec.excluded]
         owner = _unique_images(records)
         jobs = [(src, cached_name(src, data.cache_format)) for src in owner]
-        work = partial(_cache_one, root=root, out_dir=out_dir / "images", size=data.cache_size)
+        work = partial(_cache_one, root=root, out_dir=workspace.images, size=data.cache_size)
         progress = dict(total=len(jobs), desc="prepare: caching images", unit="img")
         if data.workers > 0 and len(jobs) > POOL_MIN_IMAGES:
             with Pool(data.workers) as pool:
@@ -98,7 +103,7 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
     rejected = {src: reason for (src, _), reason in zip(jobs, reasons, strict=True)
                 if reason is not None}
     target = dict(jobs)
-    with (out_dir / "rejected.csv").open("w", newline="", encoding="utf-8") as fh:
+    with rejected_file.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["source_image", "item_id", "reason"])
         for rec in excluded:
@@ -107,9 +112,9 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
             writer.writerow([src, owner[src], reason])
 
     kept = [rec for rec in records if rec.path not in rejected]
-    _check_usable(owner, rejected, kept, data.max_rejected_fraction, out_dir / "rejected.csv")
+    _check_usable(owner, rejected, kept, data.max_rejected_fraction, rejected_file)
 
-    with (out_dir / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+    with workspace.manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for rec in kept:

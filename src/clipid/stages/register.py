@@ -15,6 +15,7 @@ from pathlib import Path
 from clipid.config import Params
 from clipid.deploy import CHAMPION
 from clipid.deploy.registry import Champion, best_stages, move_champions, stage_digest
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +26,19 @@ def _write(champions: list[Champion], out: Path) -> None:
     out.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def register_stage(params: Params, stages: list[str], metrics_dir: Path = Path("metrics"),
-                   models_dir: Path = Path("models"),
-                   out: Path = Path("metrics/register.json")) -> dict[str, str | None]:
+def register_stage(params: Params, stages: list[str], workspace: Workspace | None = None
+                   ) -> dict[str, str | None]:
     """Returns ``{registered model: version now aliased champion, or None}``."""
     from clipid import tracking
 
-    champions = best_stages(stages, metrics_dir)
-    _write(champions, out)
+    workspace = workspace or Workspace()
+    champions = best_stages(stages, workspace)
+    _write(champions, workspace.register_metrics)
     if not params.mlflow.log_checkpoints:
         print(f"register: mlflow.log_checkpoints is false, so no stage logged a model; "
               f"'{CHAMPION}' not moved")
         return {c.model: None for c in champions}
-    digests = {c.stage: stage_digest(params, c.stage, models_dir) for c in champions}
+    digests = {c.stage: stage_digest(params, c.stage, workspace) for c in champions}
     uri = tracking.tracking_uri()
     try:
         tracking._check_reachable(uri)

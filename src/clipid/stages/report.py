@@ -14,24 +14,28 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from clipid.config import Params, StageParams
+from clipid.config import Params
 from clipid.errors import ClipidError
+from clipid.stage_registry import get_stage, resolve, stage_spec
 from clipid.tracking import Tracker
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["describe_stage", "report", "report_table"]
+__all__ = ["describe_clipreid", "describe_stage", "report", "report_table"]
 
 HIT, MISS = (40, 170, 60), (210, 40, 40)
 
 
 def describe_stage(params: Params, stage: str) -> str:
-    """One line of what a stage does, built from its params (never out of date)."""
-    if stage == "clipreid":
-        return _describe_clipreid(params)
-    spec = getattr(params, stage, None)
-    if not isinstance(spec, StageParams):
-        return "pretrained model, no training" if stage == "stage1" else stage
+    """One line of what a stage does, built from its params (never out of date): a training
+    stage's from its description (or the registry's ``describe``), another's is its title."""
+    info = get_stage(stage)
+    if info.describe is not None:
+        return resolve(info.describe)(params)
+    if info.kind != "train":
+        return info.title
+    spec = stage_spec(params, stage)
     towers = " + ".join(t for t, on in (("image", spec.train_image), ("text", spec.train_text))
                         if on)
     terms = []
@@ -43,7 +47,8 @@ def describe_stage(params: Params, stage: str) -> str:
            f"{spec.sampler} sampler; from {spec.init}"
 
 
-def _describe_clipreid(params: Params) -> str:
+def describe_clipreid(params: Params) -> str:
+    """CLIP-ReID's image stage: its prompts, then the terms of its image stage."""
     cfg = params.clipreid
     prompts = (f"{cfg.n_ctx} learnt tokens per identity" if cfg.prompts == "learned"
                else f"fixed {cfg.fixed_source}")
@@ -135,15 +140,15 @@ def _plot_examples(examples: dict[str, list[dict]], images: Path, out: Path,
     canvas.save(out)
 
 
-def report(params: Params, stages: list[str], metrics_dir: Path = Path("metrics"),
-           prepared: Path = Path("data/prepared")) -> Path:
+def report(params: Params, stages: list[str], workspace: Workspace | None = None) -> Path:
     """Write the report; returns the path of ``report.md``."""
-    metrics = {s: _load_json(metrics_dir / f"{s}.json") for s in stages}
-    curves = {s: _load_json(metrics_dir / "cmc" / f"{s}.json") for s in stages}
-    examples = {s: _load_json(metrics_dir / "examples" / f"{s}.json") for s in stages}
-    figures = metrics_dir / "report"
+    workspace = workspace or Workspace()
+    metrics = {s: _load_json(workspace.stage_metrics(s)) for s in stages}
+    curves = {s: _load_json(workspace.stage_cmc(s)) for s in stages}
+    examples = {s: _load_json(workspace.stage_examples(s)) for s in stages}
+    figures = workspace.report_figures
     _plot_cmc(curves, figures / "cmc.png")
-    _plot_examples(examples, prepared, figures / "examples.png")
+    _plot_examples(examples, workspace.prepared, figures / "examples.png")
 
     first = metrics[stages[0]]
     draws = first.get("draws", 1)
@@ -164,7 +169,7 @@ def report(params: Params, stages: list[str], metrics_dir: Path = Path("metrics"
         "(report/examples.png)",
         "",
     ]
-    out = metrics_dir / "report.md"
+    out = workspace.report
     out.write_text("\n".join(text), encoding="utf-8")
     log.info("report: %s", out)
     with Tracker(stage="report", params=params, run_name="report") as tracker:
