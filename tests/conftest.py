@@ -23,15 +23,16 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def prepare_data(params, out: Path) -> Path:
-    """``prepare`` then ``clean_captions`` of ``params`` into ``out/data``: the prepared data set
-    that training and evaluation tests read."""
+    """``prepare`` then ``clean_captions`` of ``params`` into ``Workspace(out)``; returns its
+    prepared data set (``out/data/prepared``) that training and evaluation tests read."""
     from clipid.stages.clean_captions import clean_captions
     from clipid.stages.prepare import prepare
+    from clipid.workspace import Workspace
 
-    prepare(params, out / "data", out / "data.json")
-    clean_captions(params, out / "data" / "manifest.csv", out / "data" / "image_texts.json",
-                   out / "captions.json")
-    return out / "data"
+    workspace = Workspace(out)
+    prepare(params, workspace)
+    clean_captions(params, workspace)
+    return workspace.prepared
 
 
 def draw(path: Path, seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Path:

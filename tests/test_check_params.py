@@ -116,7 +116,7 @@ def test_default_params_pass(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [("prepare",), ("train", "stage2"), ("evaluate", "stage3"),
-                                     ("clipreid-prompts",), ("zeroshot",)])
+                                     ("clipreid-prompts",), ("evaluate", "stage1")])
 def test_every_stage_checks_before_reading_data(tmp_path, capsys, monkeypatch, command):
     # An empty folder: without the check each stage would fail on data it cannot find (or, for
     # prepare, draw the synthetic data set first).
@@ -141,3 +141,18 @@ def test_multi_line_messages_are_printed_on_one_line(tmp_path, capsys, monkeypat
     monkeypatch.setitem(cli.COMMANDS, "check-params", (fail, "fails"))
     code, err = run(tmp_path, "", capsys=capsys)
     assert_error(code, err, "error: could not get the weights On a machine with internet")
+
+
+@pytest.mark.parametrize("text, line, parts", [
+    ("search:\n  model:\n    image: stage9\n", 3,
+     ("'search.model.image' is 'stage9'", "names no stage with a model",
+      "allowed: stage1, stage2, stage3, stage4, clipreid")),
+    # CLIP-ReID's prompts are no model to search with.
+    ("search:\n  model:\n    text: clipreid_prompts\n", 3,
+     ("'search.model.text' is 'clipreid_prompts'",)),
+    ("search:\n  top_k: 5\n  model:\n    text: zeroshot\n", 4,
+     ("'search.model.text' is 'zeroshot'", "the pretrained model is 'stage1'")),
+])
+def test_search_model_naming_no_model(tmp_path, capsys, text, line, parts):
+    code, err = run(tmp_path, text, capsys=capsys)
+    assert_error(code, err, f"params.yaml:{line}:", *parts)

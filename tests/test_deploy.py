@@ -25,7 +25,9 @@ from clipid.deploy import CHAMPION, IMAGE_MODEL, TEXT_MODEL
 from clipid.features import image_features, text_features
 from clipid.models.checkpoint import file_sha256, save_checkpoint
 from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.stage_registry import get_stage
 from clipid.tracking import Tracker
+from clipid.workspace import Workspace
 
 from conftest import VENV_BIN, draw
 
@@ -121,7 +123,7 @@ def test_without_log_checkpoints_no_weights_and_no_versions(
         client(store).get_registered_model(IMAGE_MODEL)
     write_metrics(store / "metrics", {"stage2": (0.3, 0.1)})
     moved = register_stage(params_from_dict({"mlflow": {"log_checkpoints": False}}), ["stage2"],
-                           store / "metrics", store / "models", store / "register.json")
+                           Workspace(store))
     assert moved == {IMAGE_MODEL: None, TEXT_MODEL: None}
     assert "log_checkpoints is false" in capsys.readouterr().out
 
@@ -137,12 +139,13 @@ def test_the_champion_alias_moves_to_the_best_stage_of_the_pipeline(
         store: Path, capsys: pytest.CaptureFixture) -> None:
     from clipid.stages.register import register_stage
 
-    models, metrics = store / "models", store / "metrics"
+    workspace = Workspace(store)
+    models, metrics = workspace.models, workspace.metrics
     params = params_from_dict({})
     runs = {stage: train_run(stage, checkpoint(models, stage, seed))
             for seed, stage in enumerate(("stage2", "stage3", "stage4"), start=1)}
     # Stage 1 (the pretrained model) competes too, with a run and versions of its own.
-    with Tracker(stage="zeroshot", params=params, run_name="stage1") as tracker:
+    with Tracker(stage=get_stage("stage1").dvc_stage, params=params, run_name="stage1") as tracker:
         tracker.log_model(create_model("clipid-vit-tiny", seed=params.train.seed), "stage1")
         runs["stage1"] = tracker.run_id
     stages = ["stage1", "stage2", "stage3", "stage4"]
@@ -153,8 +156,8 @@ def test_the_champion_alias_moves_to_the_best_stage_of_the_pipeline(
 
     write_metrics(metrics, {"stage1": (0.1, 0.2), "stage2": (0.3, 0.1), "stage3": (0.5, 0.6),
                             "stage4": (0.7, 0.4)})
-    out = store / "register.json"
-    moved = register_stage(params, stages, metrics, models, out)
+    out = workspace.register_metrics
+    moved = register_stage(params, stages, workspace)
     assert champion(IMAGE_MODEL) == runs["stage4"] and champion(TEXT_MODEL) == runs["stage3"]
     assert moved == {IMAGE_MODEL: "3", TEXT_MODEL: "2"}  # stage1 logged its model last
     # The DVC output names stages and figures only: no version numbers, no run ids.
@@ -164,14 +167,14 @@ def test_the_champion_alias_moves_to_the_best_stage_of_the_pipeline(
 
     write_metrics(metrics, {"stage1": (0.9, 0.8), "stage2": (0.3, 0.1), "stage3": (0.5, 0.6),
                             "stage4": (0.7, 0.4)})
-    register_stage(params, stages, metrics, models, out)
+    register_stage(params, stages, workspace)
     assert champion(IMAGE_MODEL) == runs["stage1"] and champion(TEXT_MODEL) == runs["stage1"]
 
     # A retrained stage is a new version; the alias follows the weights the pipeline holds.
     runs["stage4"] = train_run("stage4", checkpoint(models, "stage4", seed=7))
     write_metrics(metrics, {"stage1": (0.1, 0.2), "stage2": (0.3, 0.1), "stage3": (0.5, 0.6),
                             "stage4": (0.7, 0.4)})
-    register_stage(params, stages, metrics, models, out)
+    register_stage(params, stages, workspace)
     assert champion(IMAGE_MODEL) == runs["stage4"]
     assert mlflow_client.get_model_version_by_alias(IMAGE_MODEL, CHAMPION).version == 5
 
@@ -180,15 +183,15 @@ def test_an_unreachable_store_leaves_the_alias_and_says_so(
         store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from clipid.stages.register import register_stage
 
-    write_metrics(store / "metrics", {"stage2": (0.3, 0.1)})
-    checkpoint(store / "models", "stage2", seed=1)
+    workspace = Workspace(store)
+    write_metrics(workspace.metrics, {"stage2": (0.3, 0.1)})
+    checkpoint(workspace.models, "stage2", seed=1)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    moved = register_stage(params_from_dict({}), ["stage2"], store / "metrics", store / "models",
-                           store / "register.json")
+    moved = register_stage(params_from_dict({}), ["stage2"], workspace)
     assert moved == {IMAGE_MODEL: None, TEXT_MODEL: None}
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "could not be reached" in last and "'champion' not moved" in last
-    assert json.loads((store / "register.json").read_text())[IMAGE_MODEL]["stage"] == "stage2"
+    assert json.loads(workspace.register_metrics.read_text())[IMAGE_MODEL]["stage"] == "stage2"
 
 
 def free_port() -> int:
@@ -226,8 +229,7 @@ def test_mlflow_models_serve_answers_with_clipid_embeddings(store: Path) -> None
     weights = checkpoint(store / "models", "stage4", seed=2)
     train_run("stage4", weights)
     write_metrics(store / "metrics", {"stage4": (0.7, 0.4)})
-    register_stage(params_from_dict({}), ["stage4"], store / "metrics", store / "models",
-                   store / "register.json")
+    register_stage(params_from_dict({}), ["stage4"], Workspace(store))
     port = free_port()
     # Offline: no index to install from, no proxy; env-manager local installs nothing anyway.
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
@@ -265,13 +267,14 @@ def test_onnx_export_matches_torch_and_is_byte_deterministic(tmp_path: Path) -> 
     from clipid.deploy.onnx import ImageEncoder, TextEncoder
     from clipid.stages.export import export_stage
 
-    models = tmp_path / "models"
+    workspace = Workspace(tmp_path)
+    models = workspace.models
     weights = checkpoint(models, "stage3", seed=3)
     params = params_from_dict({"search": {"model": {"image": "stage3", "text": "stage3"}}})
-    first = export_stage(params, models_dir=models)
+    first = export_stage(params, workspace=workspace)
     assert [p.relative_to(models).as_posix() for p in first] == [
         "export/stage3/image.onnx", "export/stage3/text.onnx", "export/stage3/model.json"]
-    again = export_stage(params, "stage3", tmp_path / "again", models_dir=models)
+    again = export_stage(params, "stage3", tmp_path / "again", workspace)
     for a, b in zip(first, again, strict=True):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two exports"
     card = json.loads(first[2].read_text())

@@ -18,6 +18,7 @@ from clipid.config import DataParams, params_from_dict
 from clipid.data.fingerprint import SOURCE_FILES, fingerprint_json, source_files
 from clipid.data.sources import SourceError
 from clipid.stages.prepare import prepare
+from clipid.workspace import Workspace
 from test_person_sources import duke_root, make_msmt, market_root, msmt_root  # noqa: F401
 
 from conftest import draw
@@ -217,7 +218,7 @@ def test_the_declared_files_cover_everything_prepare_opens(layout, tmp_path):
                                         "cache_size": 16, "splits": 2}})
     _OPENED = []
     try:
-        prepare(params, tmp_path / "prepared", tmp_path / "data.json")
+        prepare(params, Workspace(tmp_path))
         opened = {Path(p).resolve() for p in _OPENED}
     finally:
         _OPENED = None

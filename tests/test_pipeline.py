@@ -99,7 +99,7 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
 
     # One MLflow run per training stage (with its evaluation), one for Stage 1, one report.
     runs = {r.data.tags["clipid.stage"]: r for r in mlflow_runs(micro_repo)}
-    assert set(runs) == {"zeroshot", "train_stage2", "train_stage3", "train_stage4",
+    assert set(runs) == {"evaluate_stage1", "train_stage2", "train_stage3", "train_stage4",
                          "clipreid_prompts", "clipreid_image", "index", "report"}
     assert "eval/i2i/mAP" in runs["clipreid_image"].data.metrics
     assert "train/i2t" in runs["clipreid_image"].data.metrics
@@ -139,7 +139,7 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     sh(micro_repo, "git", "add", "-A")
     sh(micro_repo, "git", "commit", "-qm", "baseline run")
     out = sh(micro_repo, "dvc", "exp", "run", "-S", "train.lr=1e-5")
-    for stage in ("prepare", "clean_captions", "zeroshot", "clipreid_prompts"):
+    for stage in ("prepare", "clean_captions", "evaluate_stage1", "clipreid_prompts"):
         assert f"Running stage '{stage}'" not in out
     for stage in ("train_stage2", "train_stage3", "train_stage4", "evaluate@stage2",
                   "clipreid_image", "index", "report", "register", "export"):

@@ -8,13 +8,14 @@ from PIL import Image
 
 from clipid.config import params_from_dict
 from clipid.stages.prepare import PrepareError, prepare
+from clipid.workspace import Workspace
 
 
 def run(tmp_path: Path, **data) -> tuple[dict, Path]:
     params = params_from_dict({"data": {"workers": 0, "cache_size": 24, **data}})
-    out = tmp_path / "prepared"
-    summary = prepare(params, out, tmp_path / "metrics" / "data.json")
-    return summary, out
+    workspace = Workspace(tmp_path)
+    summary = prepare(params, workspace)
+    return summary, workspace.prepared
 
 
 def append_rows(manifest: Path, rows: list[dict]) -> None:
@@ -34,7 +35,7 @@ def test_manifest_source_end_to_end(tmp_path, manifest_root):
     assert summary["train"] == {"images": 6, "identities": 2}
     assert summary["query"]["images"] + summary["gallery"]["images"] == 6
     assert summary["rejected"] == 0
-    assert json.loads((tmp_path / "metrics" / "data.json").read_text()) == summary
+    assert json.loads(Workspace(tmp_path).data_metrics.read_text()) == summary
 
 
 def test_bad_images_are_recorded_not_dropped_silently(tmp_path, manifest_root):
@@ -69,7 +70,7 @@ def test_too_many_rejects_fail_with_counts(tmp_path, manifest_root):
     with pytest.raises(PrepareError, match=r"3 of 15 images rejected \(20.0%\), more than "
                                            r"data.max_rejected_fraction=5.0%: 3 zero-byte file"):
         run(tmp_path, source="manifest", root=str(manifest_root))
-    assert (tmp_path / "prepared" / "rejected.csv").is_file()  # the record is there to read
+    assert Workspace(tmp_path).rejected.is_file()  # the record is there to read
 
 
 def test_identity_with_no_usable_image_fails(tmp_path, manifest_root):
@@ -121,11 +122,12 @@ def test_parallel_workers_give_identical_output(tmp_path, manifest_root):
     stage_min = stage.POOL_MIN_IMAGES
     stage.POOL_MIN_IMAGES = 0
     try:
-        prepare(params, b / "prepared", b / "data.json")
+        prepare(params, Workspace(b))
     finally:
         stage.POOL_MIN_IMAGES = stage_min
-    for image in (a / "prepared" / "images").rglob("*.png"):
-        twin = b / "prepared" / "images" / image.relative_to(a / "prepared" / "images")
+    first, second = Workspace(a), Workspace(b)
+    for image in first.images.rglob("*.png"):
+        twin = second.images / image.relative_to(first.images)
         assert twin.read_bytes() == image.read_bytes()
-    manifests = [(d / "prepared" / "manifest.csv").read_text() for d in (a, b)]
+    manifests = [ws.manifest.read_text() for ws in (first, second)]
     assert manifests[0] == manifests[1]

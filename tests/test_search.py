@@ -19,10 +19,13 @@ from clipid.models.checkpoint import save_checkpoint
 from clipid.models.factory import create_model
 from clipid.search.gallery import GalleryIndex, gallery_rows
 from clipid.search.index import ExactIndex, FaissIndex, build_index, recall_against_exact
-from clipid.search.query import embed_text, has_text_tower, index_dir, search
+from clipid.search.query import embed_text, has_text_tower, search
 from clipid.stages.clean_captions import clean_captions
 from clipid.stages.index import index_stage
 from clipid.stages.prepare import prepare
+from clipid.workspace import Workspace
+
+HERE = Workspace()  # the working directory, as the stages see it
 
 
 def unit(rows: int, dim: int, seed: int) -> np.ndarray:
@@ -108,49 +111,47 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("search")
     params = micro_params()
     (root / "params.yaml").write_text(json.dumps(MICRO))  # what `clipid search` reads
-    prepared = root / "data" / "prepared"
-    prepare(params, prepared, root / "metrics" / "data.json")
-    clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
-                   root / "metrics" / "captions.json")
+    prepare(params, Workspace(root))
+    clean_captions(params, Workspace(root))
     mp = pytest.MonkeyPatch()
     mp.setenv("DVC_ROOT", str(root))  # the index stage's MLflow run goes to this store
     mp.chdir(root)
     try:
-        index_stage(params, Path("data/prepared"), Path("models"), Path("metrics/index.json"))
+        index_stage(params)  # in the working directory, as `dvc repro` runs it
     finally:
         mp.undo()
     return root
 
 
 def test_the_index_stage_embeds_each_gallery_image_once(workspace):
-    directory = workspace / index_dir("stage1")
+    directory = Workspace(workspace).index_dir("stage1")
     info = json.loads((directory / "index.json").read_text())
     table = (directory / "gallery.csv").read_text().splitlines()
     embeddings = np.load(directory / "embeddings.npy")
-    gallery = gallery_rows(PreparedData.load(workspace / "data" / "prepared", with_texts=False))
+    gallery = gallery_rows(PreparedData.load(Workspace(workspace).prepared, with_texts=False))
     assert info["images"] == len(gallery) == len(embeddings) == len(table) - 1
     assert info["backend"] == "exact" and info["model"] == "stage1"
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
-    metrics = json.loads((workspace / "metrics" / "index.json").read_text())
+    metrics = json.loads(Workspace(workspace).index_metrics.read_text())
     assert metrics["stage1"]["images"] == len(gallery)
 
 
 def test_a_gallery_image_finds_itself_first(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
-    gallery = GalleryIndex.load(index_dir("stage1"))
+    gallery = GalleryIndex.load(HERE.index_dir("stage1"))
     probe = gallery.table["image"].iloc[3]
-    result = search(micro_params(), image=Path("data/prepared") / probe, top_k=5)
+    result = search(micro_params(), image=HERE.prepared / probe, top_k=5)
     assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
-    assert result.hits[0].image == str(Path("data/prepared") / probe)
+    assert result.hits[0].image == f"data/prepared/{probe}"  # as the index stage wrote it
     assert result.hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert result.hits[0].item_id == gallery.table["item_id"].iloc[3]
 
 
 def test_faiss_and_exact_galleries_rank_alike(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
-    exact = GalleryIndex.load(index_dir("stage1"))
+    exact = GalleryIndex.load(HERE.index_dir("stage1"))
     clip = create_model("clipid-vit-tiny", "", seed=0)
-    data = PreparedData.load(Path("data/prepared"), with_texts=False)
+    data = PreparedData.load(HERE.prepared, with_texts=False)
     params = micro_params()
     faiss = GalleryIndex.build(clip, "stage1", data, params.eval, "faiss",
                                FaissParams(type="hnsw"))
@@ -220,28 +221,35 @@ def test_a_text_query_needs_a_text_tower():
         embed_text(clip, "a shirt", "stage4")
 
 
+def beside(workspace: Path, root: Path) -> Workspace:
+    """A workspace at ``root`` that reads ``workspace``'s prepared data and has no models."""
+    (root / "data").symlink_to(workspace / "data", target_is_directory=True)
+    return Workspace(root)
+
+
 def test_an_index_of_a_retrained_model_is_reported_stale(workspace, tmp_path, monkeypatch,
                                                          caplog):
     monkeypatch.chdir(workspace)
-    models = tmp_path / "models"
+    other = beside(workspace, tmp_path)  # the same data, models of its own
     clip = create_model("clipid-vit-tiny", "", seed=0)
-    checkpoint = models / "stage2" / "model.safetensors"
+    checkpoint = other.weights("stage2")
     save_checkpoint(clip.model.state_dict(), checkpoint,
                     {"architecture": "clipid-vit-tiny", "run_id": "first"})
     params = params_from_dict({"search": {"model": {"image": "stage2", "text": "stage2"}}})
-    index_stage(params, Path("data/prepared"), models, tmp_path / "index.json")
-    search(params, text="a shirt", top_k=1, models_dir=models)
+    index_stage(params, other)
+    search(params, text="a shirt", top_k=1, workspace=other)
     assert "stale" not in caplog.text
     # Retrained: same architecture, a new sidecar (run id, losses, time).
     save_checkpoint(clip.model.state_dict(), checkpoint,
                     {"architecture": "clipid-vit-tiny", "run_id": "second"})
-    search(params, text="a shirt", top_k=1, models_dir=models)
+    search(params, text="a shirt", top_k=1, workspace=other)
     assert "stage2 index was built from other stage2 weights" in caplog.text
 
 
-def test_a_model_without_an_index_is_embedded_on_the_fly(workspace, monkeypatch, caplog):
+def test_a_model_without_an_index_is_embedded_on_the_fly(workspace, tmp_path, monkeypatch,
+                                                         caplog):
     monkeypatch.chdir(workspace)
     params = micro_params()
-    result = search(params, text="a shirt", top_k=3, models_dir=Path("no-models"))
+    result = search(params, text="a shirt", top_k=3, workspace=beside(workspace, tmp_path))
     assert len(result.hits) == 3
     assert "no index for stage1" in caplog.text

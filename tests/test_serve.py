@@ -33,10 +33,11 @@ from PIL import Image
 from clipid.config import params_from_dict
 from clipid.data.dataset import PreparedData
 from clipid.search.gallery import GalleryIndex
-from clipid.search.query import index_dir, search
+from clipid.search.query import search
 from clipid.stages.clean_captions import clean_captions
 from clipid.stages.index import index_stage
 from clipid.stages.prepare import prepare
+from clipid.workspace import Workspace as StageFiles  # Workspace here: the server under test
 
 from _browser import MISSING, Browser, artifacts_dir, chromium, free_port, server_process
 
@@ -67,15 +68,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("serve")
     params = params_from_dict(MICRO)
     (root / "params.yaml").write_text(json.dumps(MICRO))  # what `clipid serve` reads
-    prepared = root / "data" / "prepared"
-    prepare(params, prepared, root / "metrics" / "data.json")
-    clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
-                   root / "metrics" / "captions.json")
+    prepare(params, StageFiles(root))
+    clean_captions(params, StageFiles(root))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DVC_ROOT", str(root))  # the index stage's MLflow run goes to this store
         mp.chdir(root)
-        index_stage(params, Path("data/prepared"), Path("models"), Path("metrics/index.json"))
-        gallery = GalleryIndex.load(index_dir("stage1"))
+        index_stage(params)  # in the working directory, as `dvc repro` runs it
+        gallery = GalleryIndex.load(StageFiles().index_dir("stage1"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DVC_ROOT": str(root), "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -238,7 +237,7 @@ def test_thumbnails_are_the_loaded_gallery_images_only(workspace):
     status, body = call(workspace, "/api/thumbnail?" + urllib.parse.urlencode({"image": image}))
     assert status == 200 and body == (workspace.root / image).read_bytes()
 
-    prepared = PreparedData.load(workspace.root / "data" / "prepared", with_texts=False)
+    prepared = PreparedData.load(StageFiles(workspace.root).prepared, with_texts=False)
     not_indexed = prepared.rows("query")["image"].iloc[0]
     assert (prepared.root / not_indexed).is_file()
     outside = [

@@ -169,14 +169,13 @@ def micro_stage_dir(tmp_path: Path) -> Path:
     """A folder the train and evaluate stages run in: micro params.yaml and prepared data."""
     from clipid.stages.clean_captions import clean_captions
     from clipid.stages.prepare import prepare
+    from clipid.workspace import Workspace
 
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), MICRO)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(tmp_path / "params.yaml")
-    prepared = tmp_path / "data" / "prepared"
-    prepare(loaded, prepared, tmp_path / "metrics" / "data.json")
-    clean_captions(loaded, prepared / "manifest.csv", prepared / "image_texts.json",
-                   tmp_path / "metrics" / "captions.json")
+    prepare(loaded, Workspace(tmp_path))
+    clean_captions(loaded, Workspace(tmp_path))
     return tmp_path
 
 
