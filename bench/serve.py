@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 
 from clipid.config import load_params, params_from_dict
-from clipid.search.query import index_dir
+from clipid.workspace import Workspace
 
 from _report import machine, write_section
 
@@ -46,15 +46,13 @@ def tiny_workspace(root: Path) -> Path:
 
     params = params_from_dict(TINY)
     (root / "params.yaml").write_text(json.dumps(TINY))
-    prepared = root / "data" / "prepared"
-    prepare(params, prepared, root / "metrics" / "data.json")
-    clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
-                   root / "metrics" / "captions.json")
+    prepare(params, Workspace(root))
+    clean_captions(params, Workspace(root))
     cwd = Path.cwd()
     os.chdir(root)
     try:
         os.environ["DVC_ROOT"] = str(root)
-        index_stage(params, Path("data/prepared"), Path("models"), Path("metrics/index.json"))
+        index_stage(params)  # in the working directory: the gallery names relative paths
     finally:
         os.chdir(cwd)
     return root
@@ -62,7 +60,7 @@ def tiny_workspace(root: Path) -> Path:
 
 def has_index(root: Path) -> bool:
     params = load_params(root / "params.yaml")
-    return all((root / index_dir(m) / "index.json").is_file()
+    return all((Workspace(root).index_dir(m) / "index.json").is_file()
                for m in (params.search.model.image, params.search.model.text))
 
 

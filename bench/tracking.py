@@ -108,19 +108,20 @@ def main(rounds: int) -> int:
     from clipid.config import load_params
     from clipid.stages.clean_captions import clean_captions
     from clipid.stages.prepare import prepare
+    from clipid.workspace import Workspace
 
     defaults = load_params(REPO / "params.yaml")
     params = params_from_dict({"train": {"epochs": EPOCHS}})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepared = work / "prepared"
-        prepare(params, prepared, work / "data.json")
+        workspace = Workspace(work)
+        prepare(params, workspace)
+        prepared = workspace.prepared
         began = time.perf_counter()
         run_workers(0, work / "schema", prepared)
         schema = time.perf_counter() - began
-        clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
-                       work / "captions.json")
+        clean_captions(params, workspace)
         # Interleaved, best round by tracking share; every round gets a new store.
         results: dict[str, list[list[dict]]] = {"single": [], "parallel": []}
         for round_ in range(rounds):

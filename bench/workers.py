@@ -23,6 +23,7 @@ from clipid.data.loader import resolve_workers
 from clipid.stages.clean_captions import clean_captions
 from clipid.stages.prepare import prepare
 from clipid.training.engine import Trainer
+from clipid.workspace import Workspace
 
 from _report import machine, write_section
 
@@ -45,10 +46,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = params_from_dict({})
-        prepared = work / "prepared"
-        prepare(params, prepared, work / "data.json")
-        clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
-                       work / "captions.json")
+        workspace = Workspace(work)
+        prepare(params, workspace)
+        clean_captions(params, workspace)
+        prepared = workspace.prepared
         for rep in range(cfg.reps):
             for stage in ("stage2", "stage4"):
                 for workers in (0, "auto"):

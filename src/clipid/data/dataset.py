@@ -26,7 +26,7 @@ class PreparedData:
     texts: dict[str, str]          # prepared image path -> clean caption
 
     @classmethod
-    def load(cls, root: str | Path = "data/prepared", with_texts: bool = True) -> PreparedData:
+    def load(cls, root: str | Path, with_texts: bool = True) -> PreparedData:
         root = Path(root)
         manifest = root / "manifest.csv"
         if not manifest.is_file():
