@@ -12,6 +12,7 @@ from clipid.data.dataset import PreparedData
 from clipid.data.person import read_market_layout, read_msmt17
 from clipid.data.sources import SourceError
 from clipid.metrics import evaluate_rank
+from clipid.workspace import Workspace
 
 from conftest import draw, prepare_data
 
@@ -206,7 +207,7 @@ def person_params(source: str, root: Path):
 def test_prepare_end_to_end(tmp_path, request, source, fixture, counts):
     root = request.getfixturevalue(fixture)
     prepared = prepare_data(person_params(source, root), tmp_path / "out")
-    summary = json.loads((tmp_path / "out" / "data.json").read_text())
+    summary = json.loads(Workspace(tmp_path / "out").data_metrics.read_text())
     assert {s: (summary[s]["images"], summary[s]["identities"]) for s in counts} == counts
     assert summary["rejected"] == 0
     # Market's one junk image of 11 is excluded, not rejected: 9% does not trip the 5% limit.
