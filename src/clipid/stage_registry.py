@@ -142,7 +142,7 @@ def stage_spec(params: Params, name: str) -> StageParams:
 def init_of(params: Params, name: str) -> str | None:
     """The stage whose model ``name`` starts from (None for Stage 1)."""
     info = get_stage(name)
-    if info.kind == "pretrained":
+    if info.is_pretrained:
         return None
     if info.section is not None:  # read, not built: the params checks import no torch
         return getattr(params, info.section).init
