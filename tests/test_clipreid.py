@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from clipid.config import Params, params_from_dict
 from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
-from clipid.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
 from clipid.models.checkpoint import load_checkpoint, save_checkpoint
 from clipid.models.factory import create_model
 from clipid.stages.report import describe_stage
 from clipid.training.engine import Trainer
+from clipid.training.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
 from clipid.training.prompts import (
     PromptLearner,
     encode_text_embeddings,

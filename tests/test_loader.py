@@ -15,8 +15,8 @@ from clipid.config import ConfigError, params_from_dict
 from clipid.data import loader as loader_mod
 from clipid.data.loader import EpochSeededSampler, make_train_loader, resolve_workers, seeded
 from clipid.models.checkpoint import load_checkpoint
-from clipid.samplers import PKSampler, ShardedRandomSampler
 from clipid.training.engine import Trainer
+from clipid.training.samplers import PKSampler, ShardedRandomSampler
 
 from conftest import prepare_data
 
