@@ -234,3 +234,50 @@ def test_report_describes_the_clipreid_row():
     text = describe_stage(micro_params(clipreid={"init": "stage3"}), "clipreid")
     assert "4 learnt tokens" in text and "i2t CE + CE + triplet" in text
     assert text.endswith("from stage3")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def kill_in_second_epoch():
+    """An ``on_log`` that raises at the first step of epoch 2, after epoch 1's state is saved."""
+    seen = {"epochs": 0}
+
+    def on_log(metrics: dict, step: int) -> None:
+        if any(k.startswith("epoch/") for k in metrics):
+            seen["epochs"] += 1
+        elif seen["epochs"] == 1:
+            raise Interrupt
+
+    return on_log
+
+
+def test_a_killed_prompt_stage_resumes_to_the_same_prompts(learnt, prepared, tmp_path):
+    params, _, straight = learnt  # the same params, never interrupted
+    workspace = workspace_over(prepared, tmp_path)
+    with pytest.raises(Interrupt):
+        learn_prompts(params, device=CPU, workspace=workspace, on_log=kill_in_second_epoch())
+    assert workspace.resume_dir("clipreid_prompts").is_dir()
+    assert not prompts_path(workspace).exists()
+
+    steps: list[int] = []
+    resumed = learn_prompts(params, device=CPU, workspace=workspace,
+                            on_log=lambda m, s: steps.append(s))
+    assert min(steps) > 1, "the rerun started from scratch instead of resuming"
+    (ctx, meta), (reference, reference_meta) = (load_checkpoint(resumed.checkpoint),
+                                                load_checkpoint(straight.checkpoint))
+    assert torch.equal(ctx["ctx"], reference["ctx"]), "resumed prompts differ"
+    assert meta["history"] == reference_meta["history"]
+    assert not workspace.resume_dir("clipreid_prompts").exists()
+
+
+def test_a_prompt_resume_state_of_other_params_is_ignored(prepared, tmp_path):
+    workspace = workspace_over(prepared, tmp_path)
+    with pytest.raises(Interrupt):
+        learn_prompts(micro_params(), device=CPU, workspace=workspace,
+                      on_log=kill_in_second_epoch())
+    steps: list[int] = []
+    learn_prompts(micro_params(clipreid={"prompt_lr": 1e-3}), device=CPU, workspace=workspace,
+                  on_log=lambda m, s: steps.append(s))
+    assert min(steps) == 1, "a state saved under other params was resumed"
