@@ -246,7 +246,9 @@ class Trainer:
                     sample_seed(seed, epoch, batch_no, self.rank)))
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            return forward(images, labels.to(device), captions)
+            # Non-blocking: from the loader's pinned memory the copies overlap the GPU's work.
+            return forward(images, labels.to(device, non_blocking=True),
+                           captions.to(device, non_blocking=True))
 
         return step
 
@@ -291,7 +293,8 @@ class Trainer:
                          self.world_size, self.device)
         loop.run(state, epochs, self.resume_dir, key)
 
-        self.model = objective.model  # the trained weights, on every rank (tests compare them)
+        # The trained weights, heads and centres, on every rank (tests compare them).
+        self.objective, self.model = objective, objective.model
         meta = {"architecture": clip.architecture, "stage": self.stage, "parent": parent,
                 "parent_sha256": parent_digest if parent_digest != parent else None,
                 "identities": len(data.identities), "epochs": epochs,
