@@ -277,6 +277,7 @@ def learn_prompts(params: Params, *, device: torch.device, workspace: Workspace 
 
     started = time.perf_counter()
     objective = _prompt_objective(params, clip, data, rows, identities, device)
+    features_seconds = time.perf_counter() - started  # the epochs' own are in the state
     count = len(objective.feats)
     batches = PromptBatches(count, min(cfg.prompt_batch_size, count), params.train.seed, device)
     optimization = _prompt_optimization(params, objective.learner, len(batches), device,
@@ -295,8 +296,7 @@ def learn_prompts(params: Params, *, device: torch.device, workspace: Workspace 
     save_checkpoint({"ctx": objective.learner.ctx.detach()}, out,
                     {**meta, "epochs": cfg.prompt_epochs, "history": state.history})
     shutil.rmtree(resume_dir, ignore_errors=True)
-    features_seconds = time.perf_counter() - started - state.seconds
-    return PromptResult(out, cfg.prompt_epochs, state.seconds + max(features_seconds, 0.0),
+    return PromptResult(out, cfg.prompt_epochs, state.seconds + features_seconds,
                         state.history, model=clip.model)
 
 
