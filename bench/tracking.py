@@ -37,6 +37,7 @@ def worker(root: Path, prepared: Path, out: Path) -> None:
 
     from clipid.tracking import Tracker
     from clipid.training.engine import Trainer
+    from clipid.workspace import Workspace
 
     params = params_from_dict({"train": {"epochs": EPOCHS}})
     parts = {"import": 0.0, "open": 0.0, "log": 0.0, "checkpoint": 0.0, "close": 0.0}
@@ -56,8 +57,11 @@ def worker(root: Path, prepared: Path, out: Path) -> None:
         parts["log"] += time.perf_counter() - began
         calls += 1
 
-    trainer = Trainer(params, "stage2", device=torch.device("cpu"), prepared=prepared,
-                      models_dir=root / "models", resume_dir=root / "resume", on_log=on_log)
+    workspace = Workspace(root)
+    workspace.prepared.parent.mkdir(parents=True, exist_ok=True)
+    workspace.prepared.symlink_to(prepared.resolve(), target_is_directory=True)
+    trainer = Trainer(params, "stage2", device=torch.device("cpu"), workspace=workspace,
+                      on_log=on_log)
     result = trainer.fit()
     began = time.perf_counter()
     tracker.log_checkpoint(result.checkpoint, result.seconds)

@@ -29,9 +29,12 @@ from _report import machine, write_section
 
 
 def fit_seconds(workers, stage: str, epochs: int, prepared: Path, work: Path, tag: str) -> float:
-    raw = {"train": {"epochs": epochs, "workers": workers}, "stage4": {"init": "pretrained"}}
+    raw = {"train": {"epochs": epochs, "workers": workers}, "stage4": {"init": "stage1"}}
+    workspace = Workspace(work / tag)
+    workspace.prepared.parent.mkdir(parents=True)
+    workspace.prepared.symlink_to(prepared.resolve(), target_is_directory=True)
     trainer = Trainer(params_from_dict(raw), stage, device=torch.device("cpu"),
-                      prepared=prepared, models_dir=work / tag, resume_dir=work / "r" / tag)
+                      workspace=workspace)
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start

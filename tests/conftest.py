@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -162,3 +163,16 @@ def git_commit(root: Path) -> str:
     git("init", "-q")
     git("commit", "-q", "--allow-empty", "-m", "x")
     return git("rev-parse", "HEAD").strip()
+
+
+def workspace_over(prepared: Path, root: Path):
+    """A ``Workspace(root)`` whose ``data/prepared`` is the (shared, read-only) ``prepared``."""
+    from clipid.workspace import Workspace
+
+    workspace = Workspace(root)
+    if not workspace.prepared.exists():
+        workspace.prepared.parent.mkdir(parents=True, exist_ok=True)
+        # Suppressed: another process of a DDP test may have made it first.
+        with contextlib.suppress(FileExistsError):
+            workspace.prepared.symlink_to(prepared.resolve(), target_is_directory=True)
+    return workspace

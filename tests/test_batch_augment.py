@@ -16,7 +16,7 @@ from clipid.data.batch_augment import BatchAugment, sample_crops, sample_erasing
 from clipid.models.checkpoint import load_checkpoint
 from clipid.training.engine import Trainer
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -101,8 +101,8 @@ def _train(prepared: Path, models: Path, workers: int) -> dict[str, torch.Tensor
     params = params_from_dict({"train": {"epochs": 1, "batch_size": 8, "pk_k": 2,
                                          "workers": workers, "augment_device": "batch"},
                                "stage4": {"init": "stage1"}})
-    trainer = Trainer(params, "stage4", device=torch.device("cpu"), prepared=prepared,
-                      models_dir=models, resume_dir=models / ".resume")
+    trainer = Trainer(params, "stage4", device=torch.device("cpu"),
+                      workspace=workspace_over(prepared, models))
     return load_checkpoint(trainer.fit().checkpoint)[0]
 
 

@@ -14,22 +14,21 @@ import torch.nn.functional as F
 from clipid.config import Params, params_from_dict
 from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
-from clipid.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
 from clipid.models.checkpoint import load_checkpoint, save_checkpoint
 from clipid.models.factory import create_model
 from clipid.stages.report import describe_stage
 from clipid.training.engine import Trainer
+from clipid.training.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
 from clipid.training.prompts import (
     PromptLearner,
     encode_text_embeddings,
-    image_stage_spec,
     learn_prompts,
     load_text_classifier,
     prompts_path,
 )
 from clipid.training.towers import tower_of
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 CPU = torch.device("cpu")
 
@@ -55,11 +54,10 @@ def prepared(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def learnt(prepared, tmp_path_factory):
-    """Prompts learnt once on the micro data set; ``(params, models_dir, result)``."""
-    models = tmp_path_factory.mktemp("models")
+    """Prompts learnt once on the micro data set; ``(params, workspace, result)``."""
+    workspace = workspace_over(prepared, tmp_path_factory.mktemp("models"))
     params = micro_params()
-    return params, models, learn_prompts(params, device=CPU, prepared=prepared,
-                                         models_dir=models)
+    return params, workspace, learn_prompts(params, device=CPU, workspace=workspace)
 
 
 def digest(path: Path) -> str:
@@ -167,14 +165,12 @@ def test_prompt_stage_changes_only_the_prompt_tokens(learnt, prepared):
 
 
 def test_image_stage_keeps_text_tower_and_prompts_bit_identical(learnt, prepared):
-    params, models, _ = learnt
-    prompts = prompts_path(models)
+    params, workspace, _ = learnt
+    prompts = prompts_path(workspace)
     before = digest(prompts)
-    classifier, extra = load_text_classifier(params, CPU, prepared, models)
+    classifier, extra = load_text_classifier(params, CPU, workspace)
     assert classifier.features.shape == (len(classifier.identities), 128)
-    trainer = Trainer(params, "clipreid", device=CPU, prepared=prepared, models_dir=models,
-                      resume_dir=models / ".resume", spec=image_stage_spec(params),
-                      text_classifier=classifier, metadata=extra)
+    trainer = Trainer(params, "clipreid", device=CPU, workspace=workspace)
     trained, meta = load_checkpoint(trainer.fit().checkpoint)
     assert digest(prompts) == before
     start = create_model(params.model.name, params.model.pretrained, seed=params.train.seed)
@@ -187,7 +183,7 @@ def test_image_stage_keeps_text_tower_and_prompts_bit_identical(learnt, prepared
     assert meta["stage"] == "clipreid" and meta["prompts"]["sha256"] == before
     assert {"i2t", "id", "triplet"} <= set(meta["history"][0])
     # The text features the stage used come back the same from the unchanged prompts.
-    again, _ = load_text_classifier(params, CPU, prepared, models)
+    again, _ = load_text_classifier(params, CPU, workspace)
     assert torch.equal(again.features, classifier.features)
 
 
@@ -195,42 +191,40 @@ def test_clipreid_from_a_stage_checkpoint_is_deterministic(prepared, tmp_path):
     # A stand-in Stage 2 checkpoint: clipreid.init names a stage, so nothing seeds torch's
     # global generator on the way (create_model only seeds for pretrained).
     start = create_model("clipid-vit-tiny", "", seed=7)
-    models = tmp_path / "models"
-    save_checkpoint(start.model.state_dict(), models / "stage2" / "model.safetensors",
+    workspace = workspace_over(prepared, tmp_path)
+    save_checkpoint(start.model.state_dict(), workspace.weights("stage2"),
                     {"architecture": "clipid-vit-tiny"})
     params = micro_params(clipreid={"init": "stage2"})
-    learn_prompts(params, device=CPU, prepared=prepared, models_dir=models)
+    learn_prompts(params, device=CPU, workspace=workspace)
     weights = []
     for _ in range(2):
         torch.randn(5)  # the global generator is elsewhere on the second run
-        classifier, extra = load_text_classifier(params, CPU, prepared, models)
-        trainer = Trainer(params, "clipreid", device=CPU, prepared=prepared, models_dir=models,
-                          resume_dir=tmp_path / ".resume", spec=image_stage_spec(params),
-                          text_classifier=classifier, metadata=extra)
+        trainer = Trainer(params, "clipreid", device=CPU, workspace=workspace)
         weights.append(load_checkpoint(trainer.fit().checkpoint))
     (first, meta), (second, _) = weights
-    assert meta["parent"] == str(models / "stage2" / "model.safetensors")
+    assert meta["parent"] == str(workspace.weights("stage2"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_prompts_of_other_params_are_refused(learnt, prepared):
-    _, models, _ = learnt
+    _, workspace, _ = learnt
     with pytest.raises(ClipidError, match="n_ctx=4.*rerun"):
-        load_text_classifier(micro_params(clipreid={"n_ctx": 2}), CPU, prepared, models)
+        load_text_classifier(micro_params(clipreid={"n_ctx": 2}), CPU, workspace)
     with pytest.raises(ClipidError, match="init_model"):
-        load_text_classifier(micro_params(train={"seed": 1}), CPU, prepared, models)
+        load_text_classifier(micro_params(train={"seed": 1}), CPU, workspace)
 
 
 def test_fixed_prompts_learn_nothing(prepared, tmp_path):
     template = micro_params(clipreid={"prompts": "fixed", "fixed_source": "template"})
-    result = learn_prompts(template, device=CPU, prepared=prepared, models_dir=tmp_path)
+    workspace = workspace_over(prepared, tmp_path)
+    result = learn_prompts(template, device=CPU, workspace=workspace)
     state, meta = load_checkpoint(result.checkpoint)
     assert state == {} and meta["prompts"] == "fixed" and meta["epochs"] == 0
-    same, _ = load_text_classifier(template, CPU, prepared, tmp_path)
+    same, _ = load_text_classifier(template, CPU, workspace)
     assert torch.equal(same.features, same.features[:1].expand_as(same.features))
     captions = micro_params(clipreid={"prompts": "fixed", "fixed_source": "captions"})
-    own, extra = load_text_classifier(captions, CPU, prepared, tmp_path)
+    own, extra = load_text_classifier(captions, CPU, workspace)
     assert extra["prompts"]["fixed_source"] == "captions"
     assert torch.allclose(own.features.norm(dim=1), torch.ones(len(own.identities)))
     assert len({tuple(row.tolist()) for row in own.features}) > 1
@@ -240,3 +234,50 @@ def test_report_describes_the_clipreid_row():
     text = describe_stage(micro_params(clipreid={"init": "stage3"}), "clipreid")
     assert "4 learnt tokens" in text and "i2t CE + CE + triplet" in text
     assert text.endswith("from stage3")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def kill_in_second_epoch():
+    """An ``on_log`` that raises at the first step of epoch 2, after epoch 1's state is saved."""
+    seen = {"epochs": 0}
+
+    def on_log(metrics: dict, step: int) -> None:
+        if any(k.startswith("epoch/") for k in metrics):
+            seen["epochs"] += 1
+        elif seen["epochs"] == 1:
+            raise Interrupt
+
+    return on_log
+
+
+def test_a_killed_prompt_stage_resumes_to_the_same_prompts(learnt, prepared, tmp_path):
+    params, _, straight = learnt  # the same params, never interrupted
+    workspace = workspace_over(prepared, tmp_path)
+    with pytest.raises(Interrupt):
+        learn_prompts(params, device=CPU, workspace=workspace, on_log=kill_in_second_epoch())
+    assert workspace.resume_dir("clipreid_prompts").is_dir()
+    assert not prompts_path(workspace).exists()
+
+    steps: list[int] = []
+    resumed = learn_prompts(params, device=CPU, workspace=workspace,
+                            on_log=lambda m, s: steps.append(s))
+    assert min(steps) > 1, "the rerun started from scratch instead of resuming"
+    (ctx, meta), (reference, reference_meta) = (load_checkpoint(resumed.checkpoint),
+                                                load_checkpoint(straight.checkpoint))
+    assert torch.equal(ctx["ctx"], reference["ctx"]), "resumed prompts differ"
+    assert meta["history"] == reference_meta["history"]
+    assert not workspace.resume_dir("clipreid_prompts").exists()
+
+
+def test_a_prompt_resume_state_of_other_params_is_ignored(prepared, tmp_path):
+    workspace = workspace_over(prepared, tmp_path)
+    with pytest.raises(Interrupt):
+        learn_prompts(micro_params(), device=CPU, workspace=workspace,
+                      on_log=kill_in_second_epoch())
+    steps: list[int] = []
+    learn_prompts(micro_params(clipreid={"prompt_lr": 1e-3}), device=CPU, workspace=workspace,
+                  on_log=lambda m, s: steps.append(s))
+    assert min(steps) == 1, "a state saved under other params was resumed"

@@ -17,7 +17,7 @@ from clipid.models.checkpoint import load_checkpoint
 from clipid.models.factory import create_model
 from clipid.training.engine import Trainer
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,8 +49,8 @@ def prepared(tmp_path_factory) -> Path:
 def test_training_on_cuda_learns_with_finite_losses(prepared, tmp_path, stage, options):
     params = params_from_dict({**micro(**options), stage: {"init": "stage1"}})
     logged: list[dict[str, float]] = []
-    trainer = Trainer(params, stage, device=CUDA, prepared=prepared, models_dir=tmp_path,
-                      resume_dir=tmp_path / "resume", on_log=lambda m, s: logged.append(m))
+    trainer = Trainer(params, stage, device=CUDA, workspace=workspace_over(prepared, tmp_path),
+                      on_log=lambda m, s: logged.append(m))
     result = trainer.fit()
     losses = [m["train/loss"] for m in logged if "train/loss" in m]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

@@ -26,7 +26,7 @@ from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.stages.launch import cli_launch_command, needs_launch
 from clipid.training.engine import Trainer
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 WORLD = 2
 CPU = torch.device("cpu")
@@ -52,12 +52,13 @@ def prepared(tmp_path_factory) -> Path:
     return prepare_data(params, out)
 
 
-def _train(params: Params, stage: str, prepared: Path, models: Path) -> dict[str, torch.Tensor]:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    trainer = Trainer(params, stage, device=CPU, prepared=prepared, models_dir=models,
-                      resume_dir=models / f".resume-{rank}")
+def _train(params: Params, stage: str, prepared: Path, root: Path) -> dict[str, torch.Tensor]:
+    # Only rank 0 writes; every rank reads the checkpoint the previous stage wrote.
+    trainer = Trainer(params, stage, device=CPU, workspace=workspace_over(prepared, root))
     trainer.fit()
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    # Everything that trains: the model's weights under their own names, heads and centres.
+    state = trainer.objective.state_dict()
+    return {k.removeprefix("towers.model."): v.detach().clone() for k, v in state.items()}
 
 
 def _worker(rank: int, store: str, raw: dict, stages: list[str], prepared: str, out: str) -> None:
@@ -82,17 +83,22 @@ def test_two_processes_train_what_one_process_trains(prepared, tmp_path):
     raw = ddp_params(stage4={"init": "stage2", "epochs": 1})
     ranks = _spawn(raw, ["stage2", "stage4"], prepared, tmp_path / "ddp")
 
+    assert any(k.startswith("terms.") for k in ranks[0]["stage4"]), "stage4 has a head"
     for stage in ("stage2", "stage4"):
-        # DDP hands every rank the same averaged gradient: the replicas never drift apart.
+        # DDP wraps the whole objective: every rank gets the same averaged gradient, for the
+        # towers and for the BNNeck head and the centres alike, so the replicas never drift.
         for key, value in ranks[0][stage].items():
+            if "running_" in key or "num_batches" in key:
+                continue  # BatchNorm statistics: each rank's own batches (no SyncBN)
             assert torch.equal(value, ranks[1][stage][key]), f"{stage}: ranks differ at {key}"
     # Only rank 0 writes the checkpoint.
-    assert (tmp_path / "ddp" / "stage2" / "model.safetensors").is_file()
+    assert (tmp_path / "ddp" / "models" / "stage2" / "model.safetensors").is_file()
 
     # One process with the same global batch: the same training, up to the order of float sums.
     single = _train(params_from_dict(raw), "stage2", prepared, tmp_path / "single")
-    start = Trainer(params_from_dict(raw), "stage2", device=CPU, prepared=prepared,
-                    models_dir=tmp_path / "unused")._initial_model().model.state_dict()
+    start = Trainer(params_from_dict(raw), "stage2", device=CPU,
+                    workspace=workspace_over(prepared, tmp_path / "unused")
+                    )._initial_model().model.state_dict()
     # Adam divides by the gradient's magnitude, so a parameter whose gradient is float noise
     # moves by noise: compare the whole update, not each weight.
     gap = sum(float((ranks[0]["stage2"][k] - v).square().sum()) for k, v in single.items())

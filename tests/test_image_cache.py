@@ -15,9 +15,10 @@ from clipid.data.dataset import PreparedData
 from clipid.data.image_cache import cache_key, ensure_image_cache, open_image_cache
 from clipid.models.checkpoint import load_checkpoint
 from clipid.models.factory import create_model
-from clipid.training.engine import Trainer, _decode_transform
+from clipid.training.data import decode_transform
+from clipid.training.engine import Trainer
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 DATA = {"synthetic": {"items": 16, "views": 4, "image_size": 48}, "cache_size": 32,
         "workers": 0}
@@ -34,7 +35,7 @@ def _build(prepared: Path, cache_dir: Path, data: dict) -> Path:
     rows = PreparedData.load(prepared).rows("train")
     key = cache_key(params.data, prepared / "manifest.csv", list(rows["image"]), 64)
     return ensure_image_cache("train", key, [prepared / p for p in rows["image"]], 64,
-                              _decode_transform(clip), cache_dir)
+                              decode_transform(clip), cache_dir)
 
 
 def test_the_cache_holds_the_decoded_images_and_is_built_once(prepared, tmp_path, monkeypatch):
@@ -44,7 +45,7 @@ def test_the_cache_holds_the_decoded_images_and_is_built_once(prepared, tmp_path
     assert cached.shape == (len(rows), 3, 64, 64) and cached.dtype == np.uint8
     from PIL import Image
 
-    decode = _decode_transform(create_model("clipid-vit-tiny", "", seed=0))
+    decode = decode_transform(create_model("clipid-vit-tiny", "", seed=0))
     with Image.open(prepared / rows["image"].iloc[5]) as im:
         assert np.array_equal(cached[5], decode(im.convert("RGB")).numpy())
 
@@ -78,14 +79,13 @@ def _train(prepared: Path, models: Path, cache: bool, workers: int) -> dict:
                                          "workers": workers, "augment_device": "batch",
                                          "image_cache": cache},
                                "stage4": {"init": "stage1"}})
-    trainer = Trainer(params, "stage4", device=torch.device("cpu"), prepared=prepared,
-                      models_dir=models, resume_dir=models / ".resume",
-                      image_cache_dir=models / "cache")
+    workspace = workspace_over(prepared, models)
+    trainer = Trainer(params, "stage4", device=torch.device("cpu"), workspace=workspace)
     return load_checkpoint(trainer.fit().checkpoint)[0]
 
 
 def test_training_from_the_cache_learns_what_training_from_pngs_learns(prepared, tmp_path):
     pngs = _train(prepared, tmp_path / "png", cache=False, workers=0)
     cached = _train(prepared, tmp_path / "npy", cache=True, workers=1)
-    assert list((tmp_path / "npy" / "cache").glob("train-*.npy"))
+    assert list((tmp_path / "npy" / ".clipid" / "image-cache").glob("train-*.npy"))
     assert all(torch.equal(v, cached[k]) for k, v in pngs.items())

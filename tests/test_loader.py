@@ -15,10 +15,10 @@ from clipid.config import ConfigError, params_from_dict
 from clipid.data import loader as loader_mod
 from clipid.data.loader import EpochSeededSampler, make_train_loader, resolve_workers, seeded
 from clipid.models.checkpoint import load_checkpoint
-from clipid.samplers import PKSampler, ShardedRandomSampler
 from clipid.training.engine import Trainer
+from clipid.training.samplers import PKSampler, ShardedRandomSampler
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 CPU = torch.device("cpu")
 
@@ -105,8 +105,8 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _weights(raw: dict, prepared: Path, models: Path, **kwargs) -> dict[str, torch.Tensor]:
-    trainer = Trainer(params_from_dict(raw), "stage4", device=CPU, prepared=prepared,
-                      models_dir=models, resume_dir=models / ".resume", **kwargs)
+    trainer = Trainer(params_from_dict(raw), "stage4", device=CPU,
+                      workspace=workspace_over(prepared, models), **kwargs)
     state, _ = load_checkpoint(trainer.fit().checkpoint)
     return state
 
@@ -139,5 +139,5 @@ def test_persistent_workers_resume_to_the_weights_of_a_straight_run(prepared, tm
     models = tmp_path / "killed"
     with pytest.raises(_Interrupt):
         _weights(raw_params(1), prepared, models, on_log=_kill_at(3))  # 2 steps an epoch
-    assert (models / ".resume").is_dir()
+    assert (models / ".clipid" / "resume" / "stage4").is_dir()
     _assert_same(straight, _weights(raw_params(1), prepared, models), "after a resume")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clipid.losses import (
+from clipid.training.losses import (
     CenterLoss,
     CrossEntropyLabelSmooth,
     InfoNCELoss,

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from clipid.errors import ClipidError
-from clipid.samplers import PKSampler, ShardedRandomSampler
+from clipid.training.samplers import PKSampler, ShardedRandomSampler
 
 # 10 identities: identity i has i + 1 images (so identities 0..2 have fewer than k = 4).
 LABELS = [i for i in range(10) for _ in range(i + 1)]

@@ -14,7 +14,7 @@ from clipid.models.factory import create_model, load_model
 from clipid.training.engine import Trainer
 from clipid.training.towers import tower_of
 
-from conftest import prepare_data
+from conftest import prepare_data, workspace_over
 
 CPU = torch.device("cpu")
 
@@ -36,9 +36,9 @@ def prepared(tmp_path_factory) -> Path:
     return prepare_data(params, out)
 
 
-def fit(params: Params, stage: str, prepared: Path, models: Path, **kwargs) -> Path:
-    trainer = Trainer(params, stage, device=CPU, prepared=prepared, models_dir=models,
-                      resume_dir=models / ".resume" / stage, **kwargs)
+def fit(params: Params, stage: str, prepared: Path, root: Path, **kwargs) -> Path:
+    trainer = Trainer(params, stage, device=CPU, workspace=workspace_over(prepared, root),
+                      **kwargs)
     return trainer.fit().checkpoint
 
 
@@ -64,18 +64,19 @@ def test_stages_chain_by_checkpoint_and_stage4_keeps_its_heads_apart(prepared, t
     params = micro_params(stage2={"epochs": 1}, stage3={"epochs": 1}, stage4={"epochs": 1})
     for stage in ("stage2", "stage3", "stage4"):
         fit(params, stage, prepared, tmp_path)
-    s2, _ = load_checkpoint(tmp_path / "stage2" / "model.safetensors")
-    s3, meta3 = load_checkpoint(tmp_path / "stage3" / "model.safetensors")
-    s4, meta4 = load_checkpoint(tmp_path / "stage4" / "model.safetensors")
-    assert meta3["parent"] == str(tmp_path / "stage2" / "model.safetensors")
-    assert meta4["parent"] == str(tmp_path / "stage3" / "model.safetensors")
+    models = tmp_path / "models"
+    s2, _ = load_checkpoint(models / "stage2" / "model.safetensors")
+    s3, meta3 = load_checkpoint(models / "stage3" / "model.safetensors")
+    s4, meta4 = load_checkpoint(models / "stage4" / "model.safetensors")
+    assert meta3["parent"] == str(models / "stage2" / "model.safetensors")
+    assert meta4["parent"] == str(models / "stage3" / "model.safetensors")
     assert meta3["parent_sha256"] and len(meta3["parent_sha256"]) == 64
     # Stage 3 trains both towers; Stage 4 only the image tower, from Stage 3's weights.
     assert any(not torch.equal(v, s2[k]) for k, v in towers(s3, "text").items())
     assert all(torch.equal(v, s3[k]) for k, v in towers(s4, "text").items())
     assert any(k.startswith("heads.") for k in s4)
     assert not any(k.startswith("heads.") for k in s3)
-    loaded = load_model(tmp_path / "stage4" / "model.safetensors")
+    loaded = load_model(models / "stage4" / "model.safetensors")
     assert not any(k.startswith("heads.") for k in loaded.model.state_dict())
 
 
@@ -100,21 +101,21 @@ def test_a_killed_stage_resumes_to_the_same_weights(prepared, tmp_path):
     params = micro_params(stage4={"init": "stage1", "center_weight": 0.001})
     reference, _ = load_checkpoint(fit(params, "stage4", prepared, tmp_path / "straight"))
 
-    models = tmp_path / "killed"
+    root = tmp_path / "killed"
     with pytest.raises(Interrupt):
-        fit(params, "stage4", prepared, models, on_log=kill_in_second_epoch())
-    assert (models / ".resume" / "stage4").is_dir()
-    assert not (models / "stage4" / "model.safetensors").exists()
+        fit(params, "stage4", prepared, root, on_log=kill_in_second_epoch())
+    assert (root / ".clipid" / "resume" / "stage4").is_dir()
+    assert not (root / "models" / "stage4" / "model.safetensors").exists()
 
     steps: list[int] = []
-    checkpoint = fit(params, "stage4", prepared, models, on_log=lambda m, s: steps.append(s))
+    checkpoint = fit(params, "stage4", prepared, root, on_log=lambda m, s: steps.append(s))
     resumed, meta = load_checkpoint(checkpoint)
     assert min(steps) > 1, "the rerun started from scratch instead of resuming"
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), f"{key} differs after resume"
     assert len(meta["history"]) == 2
-    assert not (models / ".resume" / "stage4").exists()
+    assert not (root / ".clipid" / "resume" / "stage4").exists()
 
 
 def test_a_resume_state_of_other_params_is_ignored(prepared, tmp_path):
@@ -134,5 +135,5 @@ def test_a_resume_state_of_other_params_is_ignored(prepared, tmp_path):
 ])
 def test_inconsistent_stage_descriptions_are_refused(prepared, tmp_path, stage, spec, message):
     with pytest.raises(ClipidError, match=message):
-        Trainer(micro_params(**{stage: spec}), stage, device=CPU, prepared=prepared,
-                models_dir=tmp_path)
+        Trainer(micro_params(**{stage: spec}), stage, device=CPU,
+                workspace=workspace_over(prepared, tmp_path))

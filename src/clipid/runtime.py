@@ -22,7 +22,7 @@ from clipid.errors import ClipidError
 log = logging.getLogger(__name__)
 
 __all__ = ["autocast", "distributed_env", "grad_scaler", "is_main_process", "resolve_precision",
-           "setup_runtime", "teardown_runtime"]
+           "setup_runtime", "teardown_runtime", "world_info"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,6 +34,13 @@ def distributed_env() -> tuple[int, int, int]:
                 int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as exc:
         raise ClipidError(f"bad torchrun environment (RANK/LOCAL_RANK/WORLD_SIZE): {exc}") from None
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the joined process group; ``(0, 1)`` outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def setup_runtime(params: RuntimeParams) -> torch.device:

@@ -52,7 +52,8 @@ class StageInfo:
     section: str | None = None    # its params.yaml section (it names the `init` to start from)
     # train: (Params) -> StageParams, the engine's description; None: the section itself.
     spec: Ref | None = None
-    # train: loss terms beyond the description's (CLIP-ReID's prompts); see clipid.training.
+    # train: loss terms beyond the description's (CLIP-ReID's prompts): a callable
+    # (clipid.training.objective.TermContext) -> (list of LossTerm, extra sidecar entries).
     extra_terms: Ref | None = None
     weights_file: str = "model.safetensors"
     # train: the sampler the stage always draws with, whatever its section says (the params

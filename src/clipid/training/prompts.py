@@ -3,9 +3,11 @@
 A prompt is the template with its ``{ctx}`` slot replaced by ``n_ctx`` token embeddings of the
 identity (``a photo of a [v1 v2 v3 v4] garment.``): every other token embedding is the template's
 own and stays fixed. Stage ``clipreid_prompts`` learns only those vectors, against the frozen image
-and text towers (:func:`learn_prompts`); stage ``clipreid_image`` then turns every identity's
-prompt into one fixed text feature (:func:`identity_text_features`), the classifier of its
-image-to-text cross-entropy term.
+and text towers (:func:`learn_prompts`, on the engine's shared epoch loop, so it resumes after a
+kill as every stage does); stage ``clipreid`` is the training engine with one more loss term,
+contributed through its registry entry (:func:`prompt_terms`): every identity's prompt turned into
+one fixed text feature (:func:`identity_text_features`), the classifier of an image-to-text
+cross-entropy.
 
 ``clipreid.prompts: fixed`` learns nothing: the prompt stage only records the choice, and the
 image stage uses the plain template (the same text for every identity) or the mean feature of
@@ -14,11 +16,13 @@ the identity's cleaned captions instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,34 +31,36 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
-from tqdm import tqdm
 
 from clipid.config import Params, StageParams, flatten_params
 from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.features import image_features, text_features
-from clipid.losses import PromptContrastiveLoss
 from clipid.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint, sidecar_path
-from clipid.models.factory import ClipModel, load_model
+from clipid.models.factory import ClipModel
 from clipid.models.stages import model_for_stage
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.stage_registry import get_stage
-from clipid.training.engine import TextClassifier
+from clipid.training.loop import EpochLoop, Optimization, TrainingState, epoch_seed, fingerprint
+from clipid.training.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
+from clipid.training.objective import LossTerm, Outputs, TermContext
 from clipid.training.schedule import warmup_cosine
+from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROMPTS_STAGE", "IMAGE_STAGE", "PromptLearner", "PromptResult",
-           "encode_text_embeddings", "fill_template", "identity_text_features", "image_stage_spec",
-           "init_model", "learn_prompts", "load_text_classifier", "prompts_path"]
+__all__ = ["PROMPTS_STAGE", "IMAGE_STAGE", "PromptLearner", "PromptResult", "PromptTerm",
+           "TextClassifier", "encode_text_embeddings", "fill_template", "identity_text_features",
+           "image_stage_spec", "init_model", "learn_prompts", "load_text_classifier",
+           "prompt_terms", "prompts_path"]
 
 PROMPTS_STAGE = "clipreid_prompts"   # the DVC stage that learns the prompts
 IMAGE_STAGE = "clipreid"             # the trained model: models/clipreid, metrics/clipreid.json
 PLACEHOLDER = "X"                    # stands for a learnt token while the template is tokenised
 
 
-def prompts_path(models_dir: Path = Path("models")) -> Path:
-    return models_dir / PROMPTS_STAGE / "prompts.safetensors"
+def prompts_path(workspace: Workspace | None = None) -> Path:
+    return (workspace or Workspace()).weights(PROMPTS_STAGE)
 
 
 def fill_template(template: str, noun: str, ctx: str) -> str:
@@ -79,24 +85,18 @@ def image_stage_spec(params: Params) -> StageParams:
                        sampler="pk", epochs=cfg.epochs, lr_mult=cfg.lr_mult)
 
 
-def init_model(params: Params, device: torch.device, models_dir: Path = Path("models")
+def init_model(params: Params, device: torch.device, workspace: Workspace | None = None
                ) -> tuple[ClipModel, dict[str, Any]]:
     """The model both CLIP-ReID stages start from (``clipreid.init``) and what identifies its
     weights: prompts only make sense with the text tower they were learnt against."""
     init = params.clipreid.init
+    clip = model_for_stage(params, init, device, workspace)
     if get_stage(init).kind == "pretrained":
-        clip = model_for_stage(params, init, device)
         ident = {"init": init, "architecture": clip.architecture, "weights": clip.weights,
                  "seed": params.train.seed if clip.weights == "random" else None}
-    else:  # (issue 15: a Workspace replaces models_dir next)
-        path = models_dir / init / "model.safetensors"
-        if not path.is_file():
-            raise ClipidError(f"clipreid.init is '{init}' but {path} does not exist; train "
-                              f"{init} first (and add models/{init} to the deps of both clipreid "
-                              "stages in dvc.yaml)")
-        clip = load_model(path, device=device)
-        ident = {"init": init, "architecture": clip.architecture, "weights": str(path),
-                 "sha256": file_sha256(path)}
+    else:
+        ident = {"init": init, "architecture": clip.architecture, "weights": clip.weights,
+                 "sha256": file_sha256(Path(clip.weights))}
     if not hasattr(clip.model, "token_embedding"):
         raise ClipidError(f"model.name: {clip.architecture} has a custom text tower; CLIP-ReID "
                           "prompts need an open_clip CLIP model with its own token embedding")
@@ -185,19 +185,85 @@ def _identities(data: PreparedData) -> tuple[Any, list[str]]:
     return rows, [str(i) for i in sorted(rows["item_id"].unique())]
 
 
-def learn_prompts(params: Params, *, device: torch.device, prepared: Path = Path("data/prepared"),
-                  models_dir: Path = Path("models"),
+class PromptBatches:
+    """The prompt stage's batches: slices of a permutation of the cached image features,
+    drawn per epoch from its own seeded generator."""
+
+    def __init__(self, count: int, batch: int, seed: int, device: torch.device):
+        self.count, self.batch, self.seed, self.device = count, batch, seed, device
+        self.order = torch.arange(count, device=device)
+
+    def set_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        self.order = torch.randperm(self.count, generator=generator).to(self.device)
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for begin in range(0, self.count, self.batch):
+            yield self.order[begin:begin + self.batch]
+
+
+class PromptObjective(nn.Module):
+    """Images against the prompts of the identities in the batch (both towers frozen):
+    ``{"i2t": ..., "t2i": ...}``, CLIP-ReID's first-stage loss."""
+
+    def __init__(self, learner: PromptLearner, model: nn.Module, feats: torch.Tensor,
+                 labels: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.learner = learner
+        self.frozen = [model]  # in a list: not a submodule, so not in the state_dict
+        self.feats, self.labels, self.dtype = feats, labels, dtype
+        self.scale = model.logit_scale.exp().clamp(max=100).detach().float()
+        self.loss = PromptContrastiveLoss()
+
+    def forward(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        present, rows_of = torch.unique(self.labels[index], return_inverse=True)
+        with autocast(self.feats.device, self.dtype):
+            text = self.learner.encode(self.frozen[0], present)
+        i2t, t2i = self.loss(self.feats[index], text.float(), rows_of, self.scale)
+        return {"i2t": i2t, "t2i": t2i}
+
+
+def _prompt_objective(params: Params, clip: ClipModel, data: PreparedData, rows: Any,
+                      identities: list[str], device: torch.device) -> PromptObjective:
+    """The learner, and every training image's feature computed once (no augmentation)."""
+    cfg, model = params.clipreid, clip.model
+    model.requires_grad_(False)  # both towers frozen: only the context tokens learn
+    model.eval()
+    learner = PromptLearner(clip, len(identities), cfg.n_ctx, cfg.template, cfg.noun,
+                            seed=params.train.seed).to(device)
+    feats = image_features(model, data.paths(rows), clip.preprocess_val,
+                           batch_size=params.eval.batch_size, workers=params.eval.workers,
+                           device=device, desc="clipreid image features").to(device)
+    label_of = {item: i for i, item in enumerate(identities)}
+    labels = torch.tensor([label_of[str(i)] for i in rows["item_id"]], device=device)
+    dtype = resolve_precision(params.train.precision, device, "train.precision")
+    return PromptObjective(learner, model, feats, labels, dtype)
+
+
+def _prompt_optimization(params: Params, learner: PromptLearner, steps_per_epoch: int,
+                         device: torch.device, dtype: torch.dtype) -> Optimization:
+    cfg = params.clipreid
+    optimizer = torch.optim.Adam([learner.ctx], lr=cfg.prompt_lr,
+                                 weight_decay=cfg.prompt_weight_decay)
+    scheduler = warmup_cosine(optimizer, round(cfg.prompt_warmup_epochs * steps_per_epoch),
+                              cfg.prompt_epochs * steps_per_epoch)
+    return Optimization(optimizer, scheduler, grad_scaler(dtype, device))
+
+
+def learn_prompts(params: Params, *, device: torch.device, workspace: Workspace | None = None,
                   on_log: Callable[[dict[str, float], int], None] | None = None
                   ) -> PromptResult:
     """Stage ``clipreid_prompts``: learn every training identity's context tokens with both
-    towers frozen; writes ``models/clipreid_prompts/prompts.safetensors`` and its sidecar."""
-    cfg, train_cfg = params.clipreid, params.train
-    on_log = on_log or (lambda metrics, step: None)
-    data = PreparedData.load(prepared, with_texts=False)  # the captions are not used here
+    towers frozen; writes ``models/clipreid_prompts/prompts.safetensors`` and its sidecar.
+    A killed run resumes after its last finished epoch (``.clipid/resume/clipreid_prompts``)."""
+    cfg, workspace = params.clipreid, workspace or Workspace()
+    data = PreparedData.load(workspace.prepared, with_texts=False)  # captions are not used
     rows, identities = _identities(data)
-    clip, init_ident = init_model(params, device, models_dir)
-    model = clip.model
-    out = prompts_path(models_dir)
+    clip, init_ident = init_model(params, device, workspace)
+    out = prompts_path(workspace)
     meta: dict[str, Any] = {
         "architecture": clip.architecture, "stage": PROMPTS_STAGE, "prompts": cfg.prompts,
         "template": cfg.template, "noun": cfg.noun, "n_ctx": cfg.n_ctx,
@@ -207,67 +273,31 @@ def learn_prompts(params: Params, *, device: torch.device, prepared: Path = Path
         fill_template(cfg.template, cfg.noun, "")  # a bad template fails here, not later
         log.info("%s: clipreid.prompts is fixed: nothing to learn", PROMPTS_STAGE)
         save_checkpoint({}, out, {**meta, "epochs": 0, "history": []})
-        return PromptResult(out, 0, 0.0, model=model)
+        return PromptResult(out, 0, 0.0, model=clip.model)
 
-    model.requires_grad_(False)  # both towers frozen: only the context tokens learn
-    model.eval()
-    learner = PromptLearner(clip, len(identities), cfg.n_ctx, cfg.template, cfg.noun,
-                            seed=train_cfg.seed).to(device)
     started = time.perf_counter()
-    # No augmentation: every image's feature is computed once and reused in every epoch.
-    feats = image_features(model, data.paths(rows), clip.preprocess_val,
-                           batch_size=params.eval.batch_size, workers=params.eval.workers,
-                           device=device, desc="clipreid image features").to(device)
-    label_of = {item: i for i, item in enumerate(identities)}
-    labels = torch.tensor([label_of[str(i)] for i in rows["item_id"]], device=device)
-    scale = model.logit_scale.exp().clamp(max=100).detach().float()
-
-    optimizer = torch.optim.Adam([learner.ctx], lr=cfg.prompt_lr,
-                                 weight_decay=cfg.prompt_weight_decay)
-    count = len(feats)
-    batch = min(cfg.prompt_batch_size, count)
-    steps_per_epoch = math.ceil(count / batch)
-    total = cfg.prompt_epochs * steps_per_epoch
-    scheduler = warmup_cosine(optimizer, round(cfg.prompt_warmup_epochs * steps_per_epoch), total)
-    dtype = resolve_precision(train_cfg.precision, device, "train.precision")
-    scaler = grad_scaler(dtype, device)
-    loss_fn = PromptContrastiveLoss()
-
-    history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(cfg.prompt_epochs):
-        generator = torch.Generator().manual_seed(train_cfg.seed * 100_003 + epoch)
-        order = torch.randperm(count, generator=generator).to(device)
-        sums: dict[str, float] = {}
-        for begin in tqdm(range(0, count, batch), desc=f"{PROMPTS_STAGE} epoch {epoch + 1}/"
-                          f"{cfg.prompt_epochs}", unit="batch", leave=False):
-            index = order[begin:begin + batch]
-            present, rows_of = torch.unique(labels[index], return_inverse=True)
-            with autocast(device, dtype):
-                text = learner.encode(model, present)
-            i2t, t2i = loss_fn(feats[index], text.float(), rows_of, scale)
-            loss = i2t + t2i
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            values = {"i2t": float(i2t.detach()), "t2i": float(t2i.detach()),
-                      "loss": float(loss.detach())}
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-            if step % train_cfg.log_every == 0 or step == total:
-                on_log({**{f"train/{k}": v for k, v in values.items()},
-                        "train/lr": optimizer.param_groups[0]["lr"]}, step)
-        history.append({k: v / steps_per_epoch for k, v in sums.items()})
-        log.info("%s epoch %d/%d: %s", PROMPTS_STAGE, epoch + 1, cfg.prompt_epochs,
-                 ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
-        on_log({f"epoch/{k}": v for k, v in history[-1].items()}, epoch + 1)
-    seconds = time.perf_counter() - started
-    save_checkpoint({"ctx": learner.ctx.detach()}, out,
-                    {**meta, "epochs": cfg.prompt_epochs, "history": history})
-    return PromptResult(out, cfg.prompt_epochs, seconds, history, model=model)
+    objective = _prompt_objective(params, clip, data, rows, identities, device)
+    features_seconds = time.perf_counter() - started  # the epochs' own are in the state
+    count = len(objective.feats)
+    batches = PromptBatches(count, min(cfg.prompt_batch_size, count), params.train.seed, device)
+    optimization = _prompt_optimization(params, objective.learner, len(batches), device,
+                                        objective.dtype)
+    state = TrainingState({"prompts": objective.learner, **optimization.parts()})
+    resume_dir = workspace.resume_dir(PROMPTS_STAGE)
+    key = fingerprint(params, PROMPTS_STAGE, json.dumps(init_ident, sort_keys=True),
+                      [data.root / "manifest.csv"], 1)
+    if state.resume(resume_dir, key, PROMPTS_STAGE):
+        log.info("%s: resuming after epoch %d of %d", PROMPTS_STAGE, state.epoch,
+                 cfg.prompt_epochs)
+    loop = EpochLoop(PROMPTS_STAGE, lambda index, epoch, batch_no: objective(index),
+                     optimization, batches, params.train.seed, params.train.log_every,
+                     on_log or (lambda metrics, step: None), batches.set_epoch, device=device)
+    loop.run(state, cfg.prompt_epochs, resume_dir, key)
+    save_checkpoint({"ctx": objective.learner.ctx.detach()}, out,
+                    {**meta, "epochs": cfg.prompt_epochs, "history": state.history})
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    return PromptResult(out, cfg.prompt_epochs, state.seconds + features_seconds,
+                        state.history, model=clip.model)
 
 
 def _check_prompts(meta: dict[str, Any], params: Params, init_ident: dict[str, Any],
@@ -319,17 +349,26 @@ def identity_text_features(params: Params, clip: ClipModel, data: PreparedData,
     return F.normalize(sums, dim=-1)
 
 
+@dataclass
+class TextClassifier:
+    """Fixed text features, one per training identity, as a classifier: the image-to-text
+    cross-entropy term of CLIP-ReID's image stage."""
+
+    identities: list[str]        # training item ids, in the engine's label order (sorted)
+    features: torch.Tensor       # (identities, D), L2-normalised, never trained
+    weight: float                # weight of the term in the loss
+
+
 def load_text_classifier(params: Params, device: torch.device,
-                         prepared: Path = Path("data/prepared"),
-                         models_dir: Path = Path("models")) -> tuple[TextClassifier, dict]:
-    """What ``clipreid_image`` adds to the engine: every training identity's text feature
-    (computed once, with the frozen text tower of ``clipreid.init``) and the sidecar entries
-    that name the prompts used."""
-    path = prompts_path(models_dir)
+                         workspace: Workspace | None = None) -> tuple[TextClassifier, dict]:
+    """Every training identity's text feature (computed once, with the frozen text tower of
+    ``clipreid.init``) and the sidecar entries that name the prompts used."""
+    workspace = workspace or Workspace()
+    path = prompts_path(workspace)
     state, meta = load_checkpoint(path)
-    clip, init_ident = init_model(params, device, models_dir)
+    clip, init_ident = init_model(params, device, workspace)
     _check_prompts(meta, params, init_ident, path)
-    data = PreparedData.load(prepared)
+    data = PreparedData.load(workspace.prepared)
     _, identities = _identities(data)
     if meta.get("identities") != identities:
         raise ClipidError(f"{sidecar_path(path)}: learnt for other training identities "
@@ -344,3 +383,35 @@ def load_text_classifier(params: Params, device: torch.device,
                          "fixed_source": params.clipreid.fixed_source
                          if params.clipreid.prompts == "fixed" else None}}
     return TextClassifier(identities, features, params.clipreid.i2t_weight), extra
+
+
+class PromptTerm(LossTerm):
+    """``i2t``: CLIP-ReID's image-stage term, the images against their identities' fixed
+    prompt features (label-smoothed cross-entropy at the model's logit scale, not trained)."""
+
+    def __init__(self, classifier: TextClassifier, device: torch.device, smoothing: float):
+        super().__init__("i2t", classifier.weight)
+        self.classifier = classifier
+        self.features = classifier.features.to(device)  # a plain attribute: DDP leaves it
+        self.loss = ImageToTextCrossEntropy(len(classifier.identities), smoothing)
+
+    def forward(self, out: Outputs) -> torch.Tensor:
+        return self.loss(out.feats, self.features, out.labels, out.scale.detach())
+
+    def identity(self) -> bytes:
+        classifier = self.classifier
+        return classifier.features.cpu().numpy().tobytes() + json.dumps(
+            [classifier.identities, classifier.weight]).encode()
+
+
+def prompt_terms(context: TermContext) -> tuple[list[LossTerm], dict[str, Any]]:
+    """The ``extra_terms`` of registry entry ``clipreid``: the prompts' ``i2t`` term (none at
+    ``clipreid.i2t_weight: 0``) and the sidecar entries that name the prompts."""
+    params = context.params
+    classifier, extra = load_text_classifier(params, context.device, context.workspace)
+    if classifier.identities != context.identities:
+        raise ClipidError(f"{context.stage}: the prompts' identities are not the training "
+                          f"identities of {context.workspace.manifest}")
+    if classifier.weight <= 0:
+        return [], extra
+    return [PromptTerm(classifier, context.device, params.train.label_smoothing)], extra

@@ -14,16 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clipid.runtime import world_info
+
 __all__ = ["CenterLoss", "CrossEntropyLabelSmooth", "ImageToTextCrossEntropy", "InfoNCELoss",
-           "PromptContrastiveLoss", "SupConLoss", "TripletLoss", "gather_with_grad",
-           "world_info"]
-
-
-def world_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` outside ``torch.distributed``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+           "PromptContrastiveLoss", "SupConLoss", "TripletLoss", "gather_with_grad"]
 
 
 class _GatherWithGrad(torch.autograd.Function):
