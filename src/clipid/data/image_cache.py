@@ -28,9 +28,8 @@ from clipid.models.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_DIR", "cache_key", "ensure_image_cache", "open_image_cache"]
+__all__ = ["cache_key", "ensure_image_cache", "open_image_cache"]
 
-CACHE_DIR = Path(".clipid") / "image-cache"
 FORMAT = 1
 
 
@@ -45,7 +44,7 @@ def cache_key(data: DataParams, manifest: Path, images: list[str], size: int) ->
 
 def ensure_image_cache(purpose: str, key: str, paths: list[Path], size: int,
                        decode: Callable[[Image.Image], torch.Tensor],
-                       cache_dir: Path = CACHE_DIR) -> Path:
+                       cache_dir: Path) -> Path:
     """``cache_dir/<purpose>-<key>.npy``, decoding every image with ``decode`` (PIL -> uint8
     ``(3, size, size)``) when it does not exist yet; other keys of ``purpose`` are deleted."""
     path = cache_dir / f"{purpose}-{key}.npy"

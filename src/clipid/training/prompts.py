@@ -49,13 +49,12 @@ from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROMPTS_STAGE", "IMAGE_STAGE", "PromptLearner", "PromptResult", "PromptTerm",
+__all__ = ["PROMPTS_STAGE", "PromptLearner", "PromptResult", "PromptTerm",
            "TextClassifier", "encode_text_embeddings", "fill_template", "identity_text_features",
            "image_stage_spec", "init_model", "learn_prompts", "load_text_classifier",
            "prompt_terms", "prompts_path"]
 
 PROMPTS_STAGE = "clipreid_prompts"   # the DVC stage that learns the prompts
-IMAGE_STAGE = "clipreid"             # the trained model: models/clipreid, metrics/clipreid.json
 PLACEHOLDER = "X"                    # stands for a learnt token while the template is tokenised
 
 
@@ -91,7 +90,7 @@ def init_model(params: Params, device: torch.device, workspace: Workspace | None
     weights: prompts only make sense with the text tower they were learnt against."""
     init = params.clipreid.init
     clip = model_for_stage(params, init, device, workspace)
-    if get_stage(init).kind == "pretrained":
+    if get_stage(init).is_pretrained:
         ident = {"init": init, "architecture": clip.architecture, "weights": clip.weights,
                  "seed": params.train.seed if clip.weights == "random" else None}
     else:
