@@ -23,12 +23,21 @@ def machine() -> str:
             f"torch {torch.__version__}; {date.today().isoformat()}")
 
 
-def write_section(name: str, body: str) -> None:
+def _section(name: str) -> re.Pattern:
+    return re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+
+
+def write_section(name: str, body: str, after: str | None = None) -> None:
+    """Replace section ``name``; a new one goes after section ``after`` if given, else last."""
     text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.is_file() else HEADER
     section = f"## {name}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = _section(name)
+    previous = _section(after).search(text) if after else None
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
+    elif previous:
+        text = text[:previous.end()].rstrip() + "\n\n" + section + "\n" + text[previous.end():]
+        text = text.rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + section
     BENCHMARKS.write_text(text, encoding="utf-8")
