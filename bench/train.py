@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import inspect
 import os
 import pstats
 import sys
@@ -45,13 +44,10 @@ from clipid.stage_registry import PRETRAINED
 from clipid.stages.clean_captions import clean_captions
 from clipid.stages.prepare import prepare
 from clipid.training.engine import Trainer
+from clipid.training.losses import SupConLoss
 from clipid.training.schedule import param_groups, warmup_cosine
 from clipid.training.towers import set_trainable, tower_parameters
-
-try:  # issue 15 moves the losses under clipid.training
-    from clipid.training.losses import SupConLoss
-except ImportError:
-    from clipid.losses import SupConLoss
+from clipid.workspace import Workspace
 
 from _report import machine, write_section
 
@@ -69,25 +65,20 @@ class InMemoryTrainer(Trainer):
 
 
 def make_trainer(trainer_cls, params, stage: str, device, work: Path, tag: str, **extra):
-    """A trainer over the data prepared under ``work`` (:func:`prepare_data`), with its own
-    checkpoint and resume folders where the engine takes them separately; the engine of issue
-    15 takes one ``Workspace`` instead (detected from the signature)."""
-    if "workspace" in inspect.signature(trainer_cls.__init__).parameters:
-        from clipid.workspace import Workspace
-
-        return trainer_cls(params, stage, device=device, workspace=Workspace(work), **extra)
-    return trainer_cls(params, stage, device=device, prepared=work / "data" / "prepared",
-                       models_dir=work / "models" / tag,
-                       resume_dir=work / ".clipid" / "resume" / tag, **extra)
+    """A trainer over the data prepared under ``work`` (:func:`prepare_data`), in a workspace
+    of its own (checkpoint, resume state) whose ``data/prepared`` links to the shared one."""
+    root = work / "runs" / tag
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    if not (root / "data" / "prepared").exists():
+        (root / "data" / "prepared").symlink_to(Workspace(work).prepared.resolve())
+    return trainer_cls(params, stage, device=device, workspace=Workspace(root), **extra)
 
 
 def prepare_data(params, work: Path) -> Path:
     """prepare + clean_captions into ``work/data/prepared`` (the ``Workspace`` layout)."""
-    prepared = work / "data" / "prepared"
-    prepare(params, prepared, work / "data" / "data.json")
-    clean_captions(params, prepared / "manifest.csv", prepared / "image_texts.json",
-                   work / "data" / "captions.json")
-    return prepared
+    prepare(params, Workspace(work))
+    clean_captions(params, Workspace(work))
+    return Workspace(work).prepared
 
 
 def images_per_second(trainer_cls, params, stage: str, work: Path) -> float:

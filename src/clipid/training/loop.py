@@ -3,7 +3,8 @@
 A stage hands the loop three things: a ``step`` that turns one batch into its named, weighted
 loss terms (``{term: value}``), the :class:`Optimization` that applies their sum, and a
 :class:`TrainingState` of named stateful parts. The loop seeds each epoch, steps, logs, keeps
-the per-epoch means and saves the state after every epoch, so every stage resumes exactly.
+the per-epoch means and saves the state after every epoch but the last (the checkpoint
+follows it), so every stage resumes exactly.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class EpochLoop:
                      ", ".join(f"{k} {v:.4f}" for k, v in state.history[-1].items()))
             self.on_log({f"epoch/{k}": v for k, v in state.history[-1].items()}, epoch + 1)
             state.epoch = epoch + 1
-            if self.rank == 0:
+            # Not after the last epoch: the checkpoint follows at once and the state is dropped.
+            if self.rank == 0 and state.epoch < epochs:
                 state.save(resume_dir, key)
 
     def _epoch(self, epoch: int, epochs: int, step: int, total: int
