@@ -21,6 +21,7 @@ the same work, on the same batches held in memory, interleaved; target engine / 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -343,6 +344,17 @@ def _capture_batches(params, work: Path) -> list:
     raise RuntimeError("the engine never asked for its loader")
 
 
+@contextlib.contextmanager
+def held_runners(params):
+    """Both contenders over one set of held batches, in a temporary workspace."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare_data(params, work)
+        batches, captions = _capture_batches(params, work), train_captions(work)
+        yield {"engine": lambda: run_engine(params, batches, work),
+               "bare": lambda: run_bare(params, batches, captions)}, batches
+
+
 def _max_weight_difference(a: torch.nn.Module | None, b: torch.nn.Module) -> float | None:
     if a is None:
         return None
@@ -357,12 +369,7 @@ def compare_engine_and_bare(raw: dict, repeats: int) -> dict:
     must agree (the bare loop does the engine's work, nothing less)."""
     params = params_from_dict(raw)
     runs: dict[str, list[dict]] = {"engine": [], "bare": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        prepare_data(params, work)
-        batches, captions = _capture_batches(params, work), train_captions(work)
-        runners = {"engine": lambda: run_engine(params, batches, work),
-                   "bare": lambda: run_bare(params, batches, captions)}
+    with held_runners(params) as (runners, batches):
         loads = [os.getloadavg()[0]]
         warm = {name: run() for name, run in runners.items()}
         difference = _max_weight_difference(warm["engine"]["model"], warm["bare"]["model"])
@@ -489,12 +496,7 @@ def profile_overhead(raw: dict, rows: int = 20) -> str:
     """cProfile of one engine run and one bare run (after a warm-up of each) on the same held
     batches: what each loop calls, with calls and cumulative seconds (set-up included)."""
     params = params_from_dict(raw)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        prepare_data(params, work)
-        batches, captions = _capture_batches(params, work), train_captions(work)
-        runners = {"engine": lambda: run_engine(params, batches, work),
-                   "bare": lambda: run_bare(params, batches, captions)}
+    with held_runners(params) as (runners, _):
         for run in runners.values():
             run()
         profiles = {}

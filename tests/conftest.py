@@ -176,3 +176,20 @@ def workspace_over(prepared: Path, root: Path):
         with contextlib.suppress(FileExistsError):
             workspace.prepared.symlink_to(prepared.resolve(), target_is_directory=True)
     return workspace
+
+
+class Interrupt(Exception):
+    """A stage killed mid-run (the resume tests)."""
+
+
+def kill_in_second_epoch():
+    """An ``on_log`` that raises at the first step of epoch 2, after epoch 1's state is saved."""
+    seen = {"epochs": 0}
+
+    def on_log(metrics: dict, step: int) -> None:
+        if any(k.startswith("epoch/") for k in metrics):
+            seen["epochs"] += 1
+        elif seen["epochs"] == 1:
+            raise Interrupt
+
+    return on_log

@@ -28,7 +28,7 @@ from clipid.training.prompts import (
 )
 from clipid.training.towers import tower_of
 
-from conftest import prepare_data, workspace_over
+from conftest import Interrupt, kill_in_second_epoch, prepare_data, workspace_over
 
 CPU = torch.device("cpu")
 
@@ -234,23 +234,6 @@ def test_report_describes_the_clipreid_row():
     text = describe_stage(micro_params(clipreid={"init": "stage3"}), "clipreid")
     assert "4 learnt tokens" in text and "i2t CE + CE + triplet" in text
     assert text.endswith("from stage3")
-
-
-class Interrupt(Exception):
-    pass
-
-
-def kill_in_second_epoch():
-    """An ``on_log`` that raises at the first step of epoch 2, after epoch 1's state is saved."""
-    seen = {"epochs": 0}
-
-    def on_log(metrics: dict, step: int) -> None:
-        if any(k.startswith("epoch/") for k in metrics):
-            seen["epochs"] += 1
-        elif seen["epochs"] == 1:
-            raise Interrupt
-
-    return on_log
 
 
 def test_a_killed_prompt_stage_resumes_to_the_same_prompts(learnt, prepared, tmp_path):

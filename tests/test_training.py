@@ -14,7 +14,7 @@ from clipid.models.factory import create_model, load_model
 from clipid.training.engine import Trainer
 from clipid.training.towers import tower_of
 
-from conftest import prepare_data, workspace_over
+from conftest import Interrupt, kill_in_second_epoch, prepare_data, workspace_over
 
 CPU = torch.device("cpu")
 
@@ -78,23 +78,6 @@ def test_stages_chain_by_checkpoint_and_stage4_keeps_its_heads_apart(prepared, t
     assert not any(k.startswith("heads.") for k in s3)
     loaded = load_model(models / "stage4" / "model.safetensors")
     assert not any(k.startswith("heads.") for k in loaded.model.state_dict())
-
-
-class Interrupt(Exception):
-    pass
-
-
-def kill_in_second_epoch():
-    """An ``on_log`` that raises at the first step of epoch 2, after epoch 1's state is saved."""
-    seen = {"epochs": 0}
-
-    def on_log(metrics: dict, step: int) -> None:
-        if any(k.startswith("epoch/") for k in metrics):
-            seen["epochs"] += 1
-        elif seen["epochs"] == 1:
-            raise Interrupt
-
-    return on_log
 
 
 def test_a_killed_stage_resumes_to_the_same_weights(prepared, tmp_path):
