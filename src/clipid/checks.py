@@ -19,7 +19,6 @@ from clipid.config import ConfigError, Params, load_params, param_lines
 from clipid.stage_registry import (
     FORMER_PRETRAINED_NAMES,
     PRETRAINED,
-    get_stage,
     init_of,
     model_stages,
     stage_spec,
@@ -159,18 +158,10 @@ def _check_batches(params: Params, where: _Where) -> None:
         raise ConfigError(f"{where('train.batch_size')}: 'train.batch_size' ({batch}) is not a "
                           f"multiple of 'train.nproc' ({nproc}): each process trains on "
                           "batch_size / nproc images")
-    pk_stages = [stage for stage in trained_stages() if _sampler(params, stage) == "pk"]
+    pk_stages = [s for s in trained_stages() if stage_spec(params, s).sampler == "pk"]
     if (batch // nproc) % k:
         per_process = f" / 'train.nproc' ({nproc})" if nproc > 1 else ""
         raise ConfigError(f"{where('train.batch_size')}: 'train.batch_size' ({batch}){per_process}"
                           f" is not a multiple of 'train.pk_k' ({k}), as the PK sampler of "
                           f"{', '.join(pk_stages)} needs (P identities x K images per process)")
 
-
-def _sampler(params: Params, stage: str) -> str:
-    """The sampler a training stage draws with: the registry's where the stage fixes it
-    (CLIP-ReID's image stage: P identities x K images), else its params section's."""
-    info = get_stage(stage)
-    if info.sampler is not None:
-        return info.sampler
-    return stage_spec(params, stage).sampler

@@ -167,6 +167,11 @@ class StageParams:
     lr_mult: float = _spec(1.0, gt=0)
     text_lr_mult: float = _spec(1.0, gt=0)
 
+    @property
+    def contrastive(self) -> bool:
+        """The image-text contrastive term is on (it also decides whether captions are read)."""
+        return self.loss != "none" and self.contrastive_weight > 0
+
 
 @dataclass(frozen=True)
 class ClipReidParams:
@@ -190,6 +195,15 @@ class ClipReidParams:
     id_weight: float = _spec(1.0, ge=0)
     triplet_weight: float = _spec(1.0, ge=0)
     center_weight: float = _spec(0.0, ge=0)
+
+    def image_stage(self) -> StageParams:
+        """The engine's description of ``clipreid_image``: image tower only, no image-text
+        contrastive term (the prompts' cross-entropy replaces it), identity losses, PK
+        sampler. Built here, without torch: ``check-params`` reads its sampler."""
+        return StageParams(init=self.init, train_image=True, train_text=False, loss="none",
+                           contrastive_weight=0.0, id_weight=self.id_weight,
+                           triplet_weight=self.triplet_weight, center_weight=self.center_weight,
+                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult)
 
 
 # The models a gallery can be indexed with: a stage with a model (Stage 1 is the pretrained

@@ -56,9 +56,6 @@ class StageInfo:
     # (clipid.training.objective.TermContext) -> (list of LossTerm, extra sidecar entries).
     extra_terms: Ref | None = None
     weights_file: str = "model.safetensors"
-    # train: the sampler the stage always draws with, whatever its section says (the params
-    # checks read it without building the description, which would import torch).
-    sampler: str | None = None
     # report: (Params) -> str, one line of what the stage does; None: built from its spec.
     describe: Ref | None = None
 
@@ -66,6 +63,11 @@ class StageInfo:
     def is_pretrained(self) -> bool:
         """Stage 1: built from ``model.*``, no checkpoint, no training run."""
         return self.kind == "pretrained"
+
+    @property
+    def evaluated_by(self) -> str:
+        """The dvc.yaml stage that evaluates its model: Stage 1's own, else ``evaluate@<name>``."""
+        return self.dvc_stage if self.is_pretrained else f"evaluate@{self.name}"
 
     @property
     def has_model(self) -> bool:
@@ -98,8 +100,8 @@ for _info in (
               "clipreid_prompts", section="clipreid", weights_file="prompts.safetensors"),
     StageInfo("clipreid", "train", "CLIP-ReID: image tower against the prompts",
               "clipreid_image", section="clipreid",
-              spec="clipid.training.prompts:image_stage_spec",
-              extra_terms="clipid.training.prompts:prompt_terms", sampler="pk",
+              spec=lambda params: params.clipreid.image_stage(),
+              extra_terms="clipid.training.prompts:prompt_terms",
               describe="clipid.stages.report:describe_clipreid"),
 ):
     register_stage(_info)

@@ -53,10 +53,8 @@ def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = Non
     log.info("%s: i2i R1 %.4f mAP %.4f | t2i R1 %.4f mAP %.4f", stage, i2i["R1"],
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
 
-    # Stage 1's own dvc.yaml stage evaluates it; a trained stage's is evaluate@<stage>.
-    dvc_stage = get_stage(stage).dvc_stage if pretrained else f"evaluate@{stage}"
     checkpoint = None if pretrained else workspace.weights(stage)
-    with Tracker(stage=dvc_stage, params=params, run_name=stage,
+    with Tracker(stage=get_stage(stage).evaluated_by, params=params, run_name=stage,
                  checkpoint=checkpoint) as tracker:
         tracker.log_metrics({**eval_metrics(result.metrics), "eval_seconds": seconds})
         if pretrained:  # trained stages logged theirs when training

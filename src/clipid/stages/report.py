@@ -39,7 +39,7 @@ def describe_stage(params: Params, stage: str) -> str:
     towers = " + ".join(t for t, on in (("image", spec.train_image), ("text", spec.train_text))
                         if on)
     terms = []
-    if spec.loss != "none" and spec.contrastive_weight > 0:
+    if spec.contrastive:
         terms.append(spec.loss)
     terms += [name for name, w in (("CE", spec.id_weight), ("triplet", spec.triplet_weight),
                                    ("center", spec.center_weight)) if w > 0]

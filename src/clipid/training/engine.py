@@ -107,17 +107,13 @@ class Trainer:
         if spec.init == self.stage:
             raise ClipidError(f"{self.stage}.init: a stage cannot start from itself")
 
-    @property
-    def contrastive(self) -> bool:
-        return self.spec.loss != "none" and self.spec.contrastive_weight > 0
-
     def _stage_data(self) -> StageData:
         rows = self.data.rows("train")
         if rows.empty:
             raise ClipidError(f"{self.data.root / 'manifest.csv'}: no training images")
         identities = sorted(rows["item_id"].unique())
         label_of = {item: i for i, item in enumerate(identities)}
-        captions = self.data.captions(rows) if self.contrastive else [""] * len(rows)
+        captions = self.data.captions(rows) if self.spec.contrastive else [""] * len(rows)
         return StageData(rows, identities, [label_of[i] for i in rows["item_id"]], captions,
                          sorted(set(captions)))
 
@@ -186,15 +182,15 @@ class Trainer:
     def _objective(self, clip: ClipModel, data: StageData, extra: list[LossTerm]) -> Objective:
         model, spec, train = clip.model, self.spec, self.params.train
         set_trainable(model, image=spec.train_image, text=spec.train_text,
-                      scale=self.contrastive)
+                      scale=spec.contrastive)
         dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) \
             is not None else int(model.visual.output_dim)
         # Frozen text tower: its caption features never change, so compute them once.
         cached_text = tokens = None
-        if self.contrastive and not spec.train_text:
+        if spec.contrastive and not spec.train_text:
             cached_text = text_features(model, clip.tokenizer, data.unique_captions,
                                         device=self.device).to(self.device)
-        elif self.contrastive:
+        elif spec.contrastive:
             tokens = clip.tokenizer(data.unique_captions).to(self.device)
         # Seeded: torch's global generator starts from a random seed in every process, and a
         # stage that loads a checkpoint has not seeded it (create_model does for pretrained).

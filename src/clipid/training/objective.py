@@ -180,7 +180,7 @@ def standard_terms(spec: StageParams, train: TrainParams, classes: int, dim: int
     Call after seeding torch: the head, then the centres, draw their initial weights.
     """
     terms: list[LossTerm] = []
-    if spec.loss != "none" and spec.contrastive_weight > 0:
+    if spec.contrastive:
         contrastive = SupConTerm if spec.loss == "supcon" else InfoNCETerm
         terms.append(contrastive(spec.contrastive_weight, cached_text))
     if spec.id_weight > 0:
@@ -219,7 +219,6 @@ class Objective(nn.Module):
         self.towers = Towers(model)
         self.terms = nn.ModuleList(terms)
         self.spec, self.tokens, self.dtype = spec, tokens, dtype
-        self.contrastive = spec.loss != "none" and spec.contrastive_weight > 0
 
     @property
     def model(self) -> nn.Module:
@@ -240,7 +239,7 @@ class Objective(nn.Module):
         """Train mode for what trains, eval mode (and no gradients) for what is frozen."""
         spec = self.spec
         set_trainable(self.model, image=spec.train_image, text=spec.train_text,
-                      scale=self.contrastive)
+                      scale=spec.contrastive)
         for term in self.terms:
             term.train()
 

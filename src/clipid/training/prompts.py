@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from clipid.config import Params, StageParams, flatten_params
+from clipid.config import Params, flatten_params
 from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.features import image_features, text_features
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PROMPTS_STAGE", "PromptLearner", "PromptResult", "PromptTerm",
            "TextClassifier", "encode_text_embeddings", "fill_template", "identity_text_features",
-           "image_stage_spec", "init_model", "learn_prompts", "load_text_classifier",
+           "init_model", "learn_prompts", "load_text_classifier",
            "prompt_terms", "prompts_path"]
 
 PROMPTS_STAGE = "clipreid_prompts"   # the DVC stage that learns the prompts
@@ -72,16 +72,6 @@ def fill_template(template: str, noun: str, ctx: str) -> str:
         raise ClipidError(f"clipreid.template: '{template}' may only use {{ctx}} and {{noun}} "
                           f"({exc!r})") from None
     return re.sub(r"\s+", " ", text).strip()
-
-
-def image_stage_spec(params: Params) -> StageParams:
-    """The engine's description of ``clipreid_image``: image tower only, no image-text
-    contrastive term (the prompts' cross-entropy replaces it), identity losses, PK sampler."""
-    cfg = params.clipreid
-    return StageParams(init=cfg.init, train_image=True, train_text=False, loss="none",
-                       contrastive_weight=0.0, id_weight=cfg.id_weight,
-                       triplet_weight=cfg.triplet_weight, center_weight=cfg.center_weight,
-                       sampler="pk", epochs=cfg.epochs, lr_mult=cfg.lr_mult)
 
 
 def init_model(params: Params, device: torch.device, workspace: Workspace | None = None
