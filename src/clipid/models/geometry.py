@@ -151,7 +151,8 @@ def apply_geometry(model: nn.Module, spec: ModelSpec) -> None:
             raise ClipidError("model.last_stride: the image tower is a ViT, not a ResNet")
         if spec.image_size or spec.patch_stride:
             _vit_geometry(visual, size, spec.patch_stride)
-    visual.preprocess_cfg = preprocess_config(visual.preprocess_cfg, spec)
+    if hasattr(visual, "preprocess_cfg"):   # set by open_clip.create_model
+        visual.preprocess_cfg = preprocess_config(visual.preprocess_cfg, spec)
 
 
 def preprocess_config(base: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
