@@ -365,7 +365,7 @@ def _default(fld: dataclasses.Field) -> Any:
 
 
 def _where(source: str, lines: dict[str, int], key: str) -> str:
-    line = lines.get(key)
+    line = lines.get(key) or lines.get(key.split("[")[0])   # a list item: its key's line
     return f"{source}:{line}" if line else source
 
 
