@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipid.config import StageParams, TrainParams
+from clipid.models.visual import encode_image_parts
 from clipid.runtime import autocast
 from clipid.training.heads import BNNeckClassifier
 from clipid.training.losses import (
@@ -199,11 +200,14 @@ class Towers(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None,
+                cameras: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         text = self.model.encode_text(tokens) if tokens is not None else None
+        feats = self.model.encode_image(images) if cameras is None \
+            else encode_image_parts(self.model, images, cameras).proj   # SIE
         # Capped as in CLIP: a temperature below 1/100 makes training unstable.
-        return self.model.encode_image(images), text, self.model.logit_scale.exp().clamp(max=100)
+        return feats, text, self.model.logit_scale.exp().clamp(max=100)
 
 
 class Objective(nn.Module):
@@ -224,12 +228,12 @@ class Objective(nn.Module):
     def model(self) -> nn.Module:
         return self.towers.model
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor,
+                cameras: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tokens = self.tokens[captions.to(self.tokens.device)] if self.tokens is not None \
             else None
         with autocast(images.device, self.dtype):
-            feats, text, scale = self.towers(images, tokens)
+            feats, text, scale = self.towers(images, tokens, cameras)
         # The losses run in fp32: softmax over scaled similarities overflows in fp16.
         out = Outputs(feats.float(), text.float() if text is not None else None, scale,
                       labels, captions)
