@@ -225,7 +225,8 @@ def _prompt_objective(params: Params, clip: ClipModel, data: PreparedData, rows:
                             seed=params.train.seed).to(device)
     feats = image_features(model, data.paths(rows), clip.preprocess_val,
                            batch_size=params.eval.batch_size, workers=params.eval.workers,
-                           device=device, desc="clipreid image features").to(device)
+                           device=device, desc="clipreid image features",
+                           embedding="proj").to(device)   # prompts meet projected features
     label_of = {item: i for i, item in enumerate(identities)}
     labels = torch.tensor([label_of[str(i)] for i in rows["item_id"]], device=device)
     dtype = resolve_precision(params.train.precision, device, "train.precision")
