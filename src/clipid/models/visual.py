@@ -78,9 +78,9 @@ def _vit_parts(visual: nn.Module, images: torch.Tensor,
         x = block(x)
     last = x
     x = transformer.resblocks[-1](x)
-    token = 1 if transformer.batch_first else 0   # the sequence axis holds the class token
-    last_cls = last.select(token, 0)
-    cls_out = visual.ln_post(x.select(token, 0))
+    seq_axis = 1 if transformer.batch_first else 0   # the class token is first along it
+    last_cls = last.select(seq_axis, 0)
+    cls_out = visual.ln_post(x.select(seq_axis, 0))
     proj = cls_out @ visual.proj if visual.proj is not None else cls_out
     return ImageParts(last_cls, cls_out, proj)
 
@@ -111,7 +111,7 @@ def image_embedding(model: nn.Module, images: torch.Tensor,
     embedding, ``concat`` CLIP-ReID's test feature ``cat(cls, proj)``; the model's own choice
     unless ``kind`` names one (CLIP-ReID's prompt stage matches texts to ``proj``)."""
     embedding = kind or embedding_kind(model)
-    if embedding == "proj" and _camera_offset(model.visual, cameras) is None:
+    if embedding == "proj" and (cameras is None or _camera_offset(model.visual, cameras) is None):
         return model.encode_image(images)   # the very computation of open_clip
     parts = encode_image_parts(model, images, cameras)
     if embedding == "proj":
@@ -144,14 +144,15 @@ def embedding_dim(model: nn.Module) -> int:
 def add_camera_embedding(model: nn.Module, cameras: int, coefficient: float,
                          generator: torch.Generator | None = None) -> None:
     """SIE: a ``(cameras, width)`` parameter ``visual.sie_embed``, truncated-normal (std 0.02,
-    cut at +-2 as timm's ``trunc_normal_``), scaled by ``coefficient`` when added."""
+    cut at +-2 as timm's ``trunc_normal_``), scaled by ``coefficient`` when added;
+    ``generator`` is a CPU generator."""
     visual = model.visual
     if isinstance(visual, ModifiedResNet):
         raise ClipidError("model.sie: camera embeddings are for ViT image towers (as CLIP-ReID)")
     if cameras < 1:
         raise ClipidError("model.sie: the training set names no cameras")
     width = visual.class_embedding.shape[0]
-    weight = torch.zeros(cameras, width, device=visual.class_embedding.device)
+    weight = torch.zeros(cameras, width)   # drawn on the CPU: the same values on any device
     nn.init.trunc_normal_(weight, std=0.02, a=-2.0, b=2.0, generator=generator)
-    setattr(visual, SIE_PARAM, nn.Parameter(weight))
+    setattr(visual, SIE_PARAM, nn.Parameter(weight.to(visual.class_embedding.device)))
     visual.sie_coe = float(coefficient)

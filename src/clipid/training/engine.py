@@ -130,9 +130,8 @@ class Trainer:
         clip = model_for_stage(self.params, self.spec.init, self.device, self.workspace)
         if self.params.model.sie and not clip.spec.sie_cameras:
             # SIE: one embedding per camera of the training set, drawn from the seed.
-            generator = torch.Generator(device=clip.model.visual.class_embedding.device)
             clip.add_cameras(data.rows["camera"].tolist(),
-                             generator.manual_seed(self.params.train.seed))
+                             torch.Generator().manual_seed(self.params.train.seed))
         return clip
 
     def _dataset(self, clip: ClipModel, data: StageData, batch_augmented: bool) -> Dataset:
