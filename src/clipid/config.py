@@ -250,6 +250,10 @@ class ServeParams:
     port: int = _spec(8000, ge=1, le=65535)
     max_upload_mb: float = _spec(10.0, gt=0)    # larger query images are refused (413)
     max_top_k: int = _spec(100, ge=1)           # most results one request may ask for
+    max_pixels: int = _spec(50_000_000, ge=1)   # larger images (by their header) refused (413)
+    max_concurrent: int = _spec(2, ge=1)        # decodes/embeddings in flight at once
+    max_queued: int = _spec(8, ge=0)            # waiting behind them; more: 503 + Retry-After
+    queue_timeout_s: float = _spec(10.0, gt=0)  # longest wait in that queue before a 503
 
 
 @dataclass(frozen=True)
