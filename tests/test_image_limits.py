@@ -4,10 +4,8 @@ than the model needs; Pillow's global limit left alone by every clipid module.""
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -25,17 +23,7 @@ from clipid.data.images import (
 from clipid.stages.prepare import prepare
 from clipid.workspace import Workspace
 
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims ``width x height`` pixels in a few bytes: a decompression bomb's
-    header (the rows never come: decoding it would fail as truncated, after allocating)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
-                                                             0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+from conftest import png_header
 
 
 def photo(width: int, height: int) -> Image.Image:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -22,7 +21,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from clipid.stages.prepare import prepare
 from clipid.workspace import Workspace as StageFiles  # Workspace here: the server under test
 
 from _browser import MISSING, Browser, artifacts_dir, chromium, free_port, server_process
+from conftest import png_header
 
 MAX_UPLOAD_MB = 0.05  # a 50 KB limit: a valid noise PNG of 140 x 140 (58 KB) is over it
 MAX_PIXELS = 40_000   # 200 x 200
@@ -135,18 +134,6 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(out, format="PNG")
     return out.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims ``width x height`` pixels in a few bytes: a decompression bomb's
-    header (the rows never come; nothing may try to decode them)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
-                                                             0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
 
 
 def library_search(ws: Workspace, monkeypatch: pytest.MonkeyPatch, **query) -> dict:
