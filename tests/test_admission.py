@@ -1,5 +1,5 @@
-"""The serve queue with real threads: slots, the cheapest waiting first, the dearest refused when
-the queue overflows, a bounded wait."""
+"""The serve queue with real threads: slots, one of them kept from large uploads, the cheapest
+waiting first, the dearest refused when the queue overflows, a bounded wait."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def until(condition, seconds: float = 5.0) -> None:
 
 
 def test_the_queue_is_served_cheapest_first_and_overflow_refuses_the_dearest():
-    gate, started = Admission(slots=1, queue=2, wait_s=10), []
+    gate, started = Admission(slots=1, queue=2, wait_s=10, large=10**9), []
     holder = Worker(gate, 5, started)
     until(lambda: gate.running == 1)
     big = Worker(gate, 1_000, started)
@@ -59,7 +59,7 @@ def test_the_queue_is_served_cheapest_first_and_overflow_refuses_the_dearest():
 
 
 def test_a_newcomer_dearer_than_every_waiting_one_is_refused_at_once():
-    gate, started = Admission(slots=1, queue=1, wait_s=10), []
+    gate, started = Admission(slots=1, queue=1, wait_s=10, large=10**9), []
     holder = Worker(gate, 0, started)
     until(lambda: gate.running == 1)
     waiting = Worker(gate, 1, started)
@@ -72,12 +72,12 @@ def test_a_newcomer_dearer_than_every_waiting_one_is_refused_at_once():
 
 
 def test_no_queue_refuses_all_beyond_the_slots_and_a_long_wait_ends():
-    gate, started = Admission(slots=2, queue=0, wait_s=10), []
+    gate, started = Admission(slots=2, queue=0, wait_s=10, large=10**9), []
     holders = [Worker(gate, 0, started) for _ in range(2)]
     until(lambda: gate.running == 2)
     with pytest.raises(Busy), gate.slot(0):
         pass
-    patient = Admission(slots=1, queue=4, wait_s=0.2)
+    patient = Admission(slots=1, queue=4, wait_s=0.2, large=10**9)
     holder = Worker(patient, 0, started)
     until(lambda: patient.running == 1)
     began = time.monotonic()
@@ -85,3 +85,21 @@ def test_no_queue_refuses_all_beyond_the_slots_and_a_long_wait_ends():
         pass
     assert 0.2 <= time.monotonic() - began < 2 and patient.waiting == 0
     assert [h.finish() for h in [*holders, holder]] == ["done"] * 3
+
+
+def test_large_uploads_leave_one_slot_to_the_ordinary_queries():
+    gate, started = Admission(slots=3, queue=4, wait_s=10, large=100), []
+    large = [Worker(gate, 1_000 + n, started) for n in range(2)]
+    until(lambda: gate.running == 2)
+    third = Worker(gate, 5_000, started)  # a slot is free, but not for a third large one
+    until(lambda: gate.waiting == 1)
+    small = Worker(gate, 100, started)
+    until(lambda: started[-1:] == [100])
+    assert (gate.running, gate.waiting) == (3, 1)
+    assert large[0].finish() == "done"
+    until(lambda: started[-1:] == [5_000])
+    assert [w.finish() for w in (large[1], third, small)] == ["done"] * 3
+    assert sorted(started[:2]) == [1_000, 1_001] and started[2:] == [100, 5_000]
+    solo = Admission(slots=1, queue=0, wait_s=10, large=100)  # one slot: large ones take it
+    with solo.slot(10**6):
+        assert solo.running == 1

@@ -253,6 +253,7 @@ class ServeParams:
     max_pixels: int = _spec(50_000_000, ge=1)   # larger images (by their header) refused (413)
     max_concurrent: int = _spec(2, ge=1)        # decodes/embeddings in flight at once
     max_queued: int = _spec(8, ge=0)            # waiting behind them; more: 503 + Retry-After
+    large_pixels: int = _spec(16_000_000, ge=1)  # larger uploads: max_concurrent - 1 at once
     queue_timeout_s: float = _spec(10.0, gt=0)  # longest wait in that queue before a 503
 
 

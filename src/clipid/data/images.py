@@ -19,15 +19,27 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageRejected", "ImageTooLarge", "PREPARE_MAX_PIXELS", "REDUCING_GAP", "decode_rgb",
-           "load_rgb", "open_checked", "resize_shorter_side", "cache_image", "shrink_factor"]
+           "load_rgb", "open_checked", "resize_shorter_side", "cache_image", "shrink_factor",
+           "return_large_images_to_the_os"]
 
 # prepare's own limit: larger than any photo or scan a data set holds, and below twice Pillow's
 # default MAX_IMAGE_PIXELS (179 MP), where Pillow itself refuses to open a file.
 PREPARE_MAX_PIXELS = 150_000_000
-# An image is pre-reduced by a whole factor only while it keeps at least this many times the
-# pixels per side the model's resize produces: Pillow's own "reducing_gap" for which the two-step
-# result is indistinguishable from a resize of the full image.
+# An image is pre-reduced (box filter) only to a size that keeps at least this many times the
+# pixels per side the model's resize produces: Pillow's own "reducing_gap", for which the
+# two-step result is all but indistinguishable from a resize of the full image.
 REDUCING_GAP = 3
+# Pillow's image blocks, over glibc's largest dynamic mmap threshold (32 MB): see below.
+LARGE_BLOCK_BYTES = 64 * 2**20
+
+
+def return_large_images_to_the_os() -> None:
+    """Make every block of a large decoded image a memory mapping of its own, unmapped when the
+    image is freed. With Pillow's default 16 MB blocks, glibc serves them from the heap of the
+    decoding thread's arena and keeps them there after use: a server decoding in many threads
+    grows by a large image per thread. Call it where a long-running process starts (``clipid
+    serve``, the MLflow Model), not at import."""
+    Image.core.set_block_size(LARGE_BLOCK_BYTES)
 
 
 class ImageRejected(Exception):

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipid.config import ServeParams
-from clipid.data.images import ImageRejected, ImageTooLarge, decode_rgb
+from clipid.data.images import (
+    ImageRejected,
+    ImageTooLarge,
+    decode_rgb,
+    return_large_images_to_the_os,
+)
 from clipid.deploy.preprocessing import image_transform, model_card
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import file_sha256, save_checkpoint
@@ -88,6 +93,7 @@ class ClipidEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         from clipid.models.factory import load_model
 
+        return_large_images_to_the_os()
         folder = Path(context.artifacts["clip"])
         self.card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
         self.clip = load_model(folder / WEIGHTS)

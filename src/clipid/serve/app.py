@@ -98,8 +98,10 @@ def serve(params: Params, host: str | None = None, port: int | None = None,
     """Load the models and indexes, then answer on ``host:port`` until interrupted."""
     import uvicorn
 
+    from clipid.data.images import return_large_images_to_the_os
     from clipid.runtime import setup_runtime
 
+    return_large_images_to_the_os()
     device = setup_runtime(params.runtime)
     service = SearchService.load(params, device, workspace)
     host = host or params.serve.host

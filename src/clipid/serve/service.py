@@ -71,7 +71,8 @@ class SearchService:
         self.max_upload_bytes = int(params.serve.max_upload_mb * 2**20)
         self._lock = threading.Lock()
         serve = params.serve
-        self.admission = Admission(serve.max_concurrent, serve.max_queued, serve.queue_timeout_s)
+        self.admission = Admission(serve.max_concurrent, serve.max_queued, serve.queue_timeout_s,
+                                   serve.large_pixels)
         # The only files the server hands out: the loaded galleries' images, by the very
         # string a result names them with. Nothing is joined to a path a request brings.
         self.thumbnails = {str(loaded.gallery.root / image): (loaded.gallery.root / image)
@@ -152,14 +153,14 @@ class SearchService:
     def _slot(self, cost: int) -> Iterator[None]:
         """A slot of ``serve.max_concurrent`` for the block, or a 503 at once."""
         try:
-            self.admission.acquire(cost)
+            ticket = self.admission.acquire(cost)
         except Busy as exc:
             raise QueryRejected(503, f"the server is busy ({exc}): retry in "
                                      f"{RETRY_AFTER_S} s") from None
         try:
             yield
         finally:
-            self.admission.release()
+            self.admission.release(ticket)
 
     def search_image(self, data: bytes, name: str = "upload", model: str | None = None,
                      top_k: Any = None) -> dict[str, Any]:
