@@ -87,18 +87,22 @@ class Mix:
     def connection(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
 
+    def send(self, conn: http.client.HTTPConnection, body: bytes, ctype: str
+             ) -> tuple[int, http.client.HTTPConnection]:
+        """The status (0: the connection failed) and the connection to go on with."""
+        try:
+            return post(conn, body, ctype), conn
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            return 0, self.connection()
+
     def attacker(self, large: bytes, bomb_every: int, seed: int) -> None:
         conn, i = self.connection(), seed
         while time.monotonic() < self.deadline:
             i += 1
             kind = "bomb" if i % bomb_every == 0 else "large"
-            body, ctype = multipart(f"{kind}.png", bomb() if kind == "bomb" else large)
-            try:
-                status = post(conn, body, ctype)
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn.close()
-                conn = self.connection()
+            status, conn = self.send(conn, *multipart(f"{kind}.png",
+                                                      bomb() if kind == "bomb" else large))
             with self.lock:
                 self.hostile[(kind, status)] += 1
         conn.close()
@@ -113,12 +117,7 @@ class Mix:
                 body, ctype = json.dumps({"text": texts[(i // 2) % len(texts)]}).encode(), \
                     "application/json"
             began = time.perf_counter()
-            try:
-                status = post(conn, body, ctype)
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn.close()
-                conn = self.connection()
+            status, conn = self.send(conn, body, ctype)
             self.normal.append((kind, time.perf_counter() - began, status))
             i += 1
             time.sleep(0.05)  # an ordinary user: a query now and then, not a flood

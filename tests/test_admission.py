@@ -41,14 +41,20 @@ def until(condition, seconds: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+def line_up(gate: Admission, costs: list[int], started: list) -> list[Worker]:
+    """Workers started one at a time, each running or waiting before the next comes."""
+    workers = []
+    for cost in costs:
+        before = gate.running + gate.waiting
+        workers.append(Worker(gate, cost, started))
+        until(lambda before=before: gate.running + gate.waiting > before)
+    return workers
+
+
 def test_the_queue_is_served_cheapest_first_and_overflow_refuses_the_dearest():
     gate, started = Admission(slots=1, queue=2, wait_s=10, large=10**9), []
-    holder = Worker(gate, 5, started)
-    until(lambda: gate.running == 1)
-    big = Worker(gate, 1_000, started)
-    until(lambda: gate.waiting == 1)
-    small = Worker(gate, 10, started)
-    until(lambda: gate.waiting == 2)
+    holder, big, small = line_up(gate, [5, 1_000, 10], started)
+    assert (gate.running, gate.waiting) == (1, 2)
     text = Worker(gate, 0, started)  # the queue overflows: the dearest waiting one goes
     big.thread.join(5)
     assert big.outcome == "busy" and gate.waiting == 2
@@ -60,10 +66,7 @@ def test_the_queue_is_served_cheapest_first_and_overflow_refuses_the_dearest():
 
 def test_a_newcomer_dearer_than_every_waiting_one_is_refused_at_once():
     gate, started = Admission(slots=1, queue=1, wait_s=10, large=10**9), []
-    holder = Worker(gate, 0, started)
-    until(lambda: gate.running == 1)
-    waiting = Worker(gate, 1, started)
-    until(lambda: gate.waiting == 1)
+    holder, waiting = line_up(gate, [0, 1], started)
     began = time.monotonic()
     with pytest.raises(Busy, match="1 requests in work and 1 waiting"), gate.slot(2):
         pass
@@ -73,8 +76,8 @@ def test_a_newcomer_dearer_than_every_waiting_one_is_refused_at_once():
 
 def test_no_queue_refuses_all_beyond_the_slots_and_a_long_wait_ends():
     gate, started = Admission(slots=2, queue=0, wait_s=10, large=10**9), []
-    holders = [Worker(gate, 0, started) for _ in range(2)]
-    until(lambda: gate.running == 2)
+    holders = line_up(gate, [0, 0], started)
+    assert gate.running == 2
     with pytest.raises(Busy), gate.slot(0):
         pass
     patient = Admission(slots=1, queue=4, wait_s=0.2, large=10**9)
@@ -89,11 +92,9 @@ def test_no_queue_refuses_all_beyond_the_slots_and_a_long_wait_ends():
 
 def test_large_uploads_leave_one_slot_to_the_ordinary_queries():
     gate, started = Admission(slots=3, queue=4, wait_s=10, large=100), []
-    large = [Worker(gate, 1_000 + n, started) for n in range(2)]
-    until(lambda: gate.running == 2)
-    third = Worker(gate, 5_000, started)  # a slot is free, but not for a third large one
-    until(lambda: gate.waiting == 1)
-    small = Worker(gate, 100, started)
+    *large, third = line_up(gate, [1_000, 1_001, 5_000], started)
+    assert (gate.running, gate.waiting) == (2, 1)  # a slot is free, but not for a third large
+    (small,) = line_up(gate, [100], started)
     until(lambda: started[-1:] == [100])
     assert (gate.running, gate.waiting) == (3, 1)
     assert large[0].finish() == "done"

@@ -250,7 +250,9 @@ class ServeParams:
     port: int = _spec(8000, ge=1, le=65535)
     max_upload_mb: float = _spec(10.0, gt=0)    # larger query images are refused (413)
     max_top_k: int = _spec(100, ge=1)           # most results one request may ask for
-    max_pixels: int = _spec(50_000_000, ge=1)   # larger images (by their header) refused (413)
+    # larger images (by their header) refused (413); Pillow itself opens none over twice its
+    # default MAX_IMAGE_PIXELS
+    max_pixels: int = _spec(50_000_000, ge=1, le=178_956_970)
     max_concurrent: int = _spec(2, ge=1)        # decodes/embeddings in flight at once
     max_queued: int = _spec(8, ge=0)            # waiting behind them; more: 503 + Retry-After
     large_pixels: int = _spec(16_000_000, ge=1)  # larger uploads: max_concurrent - 1 at once

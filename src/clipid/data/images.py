@@ -9,9 +9,10 @@ module sets would be every other module's.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,12 +91,25 @@ def load_rgb(path: Path, root: Path | None = None,
     return decode_rgb(path, background, max_pixels=max_pixels, need=need)
 
 
+@contextlib.contextmanager
+def _quiet_if_over_pillows(max_pixels: int) -> Iterator[None]:
+    """Pillow warns of a "decompression bomb" over its global limit; under a larger limit of
+    the caller's own (prepare's) that warning is wrong. Only then are warnings caught:
+    ``catch_warnings`` swaps the process's filters, unsafe in a server's threads."""
+    pillows = Image.MAX_IMAGE_PIXELS
+    if pillows is None or max_pixels <= pillows:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def open_checked(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
     """``source`` opened lazily (the header read, no pixel decoded), or :class:`ImageTooLarge`
     when the header promises more than ``max_pixels`` pixels."""
     try:
-        with warnings.catch_warnings():  # our limit decides, not Pillow's global one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet_if_over_pillows(max_pixels):
             im = Image.open(source)
     except Image.DecompressionBombError:  # over twice Pillow's global limit: over ours too
         raise ImageTooLarge(f"the image has more than {max_pixels:,} pixels") from None
