@@ -199,7 +199,10 @@ def report(args, what: str, serve, large_bytes: int, idle: int, load: float, mix
         f"{side} x {serve.max_pixels // side - 1} PNG ({large_bytes / 1024:.0f} KB, just under "
         f"the limit) and every {args.bomb_every}th time a header-only bomb ({BOMB[0]:,} x "
         f"{BOMB[1]:,}); one ordinary client sends prepared images and captions one after "
-        "another (50 ms apart) alongside.", "",
+        "another (50 ms apart) alongside. A 503 (with Retry-After) is the intended answer to "
+        "hostile uploads the queue has no room for: it refuses the dearest waiting request, so "
+        "an ordinary query is never the one refused; bombs are refused (413) from their header "
+        "before the queue.", "",
         "| | requests | p50 ms | p99 ms |", "|---|---:|---:|---:|",
         f"| ordinary (answered) | {len(times)} of {len(mix.normal)} | {p50:.0f} | {p99:.0f} |",
         "", f"Ordinary statuses: {dict(sorted(normal.items()))}. Hostile: {hostile}.", "",

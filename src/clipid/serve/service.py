@@ -146,12 +146,15 @@ class SearchService:
         try:
             return decode_rgb(io.BytesIO(data), max_pixels=self.params.serve.max_pixels,
                               need=input_size(clip))
+        except ImageTooLarge as exc:  # a frame or tile larger than the header said
+            raise QueryRejected(413, f"{name}: {exc} (serve.max_pixels)") from None
         except ImageRejected as exc:
             raise QueryRejected(400, f"{name}: {exc}") from None
 
     @contextmanager
     def _slot(self, cost: int) -> Iterator[None]:
-        """A slot of ``serve.max_concurrent`` for the block, or a 503 at once."""
+        """A slot of ``serve.max_concurrent`` for the block, after a wait in the queue, or a
+        503 when the queue has no room for this request or the wait is too long."""
         try:
             ticket = self.admission.acquire(cost)
         except Busy as exc:
