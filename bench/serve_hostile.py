@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import PIL
 import psutil
 from PIL import Image, ImageDraw
 
@@ -210,7 +211,8 @@ def report(args, what: str, serve, large_bytes: int, idle: int, load: float, mix
         f"peak {mix.peak_rss / 2**20:.0f} MiB ({ratio:.2f}x).", "",
         *[f"- [{'x' if ok else ' '}] {text}" for ok, text in goals], "",
         f"Machine (shared with other jobs, noisy; load average {load:.1f} at the start): "
-        f"{machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
+        f"{machine()}; Pillow {PIL.__version__}; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}.",
     ])
     write_section("bench/serve (hostile mix)", body, after="bench/serve")
     print(body)
