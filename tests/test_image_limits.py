@@ -182,7 +182,8 @@ def test_search_embeds_a_file_through_the_same_limit(tmp_path):
     clip = create_model("clipid-vit-tiny")
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header(30_000, 30_000))
-    with pytest.raises(ClipidError, match=r"--image .*bomb.png: the image has more than 5"):
+    with pytest.raises(ClipidError, match=r"--image .*bomb.png: the image has more than "
+                                          r"50,000,000 pixels \(serve.max_pixels\)"):
         embed_image(clip, path, max_pixels=50_000_000)
     small = tmp_path / "photo.png"
     photo(300, 200).save(small)

@@ -76,7 +76,8 @@ def _image(value: Any, need: Any) -> Image.Image:
     try:
         return decode_rgb(io.BytesIO(raw), max_pixels=MAX_PIXELS, need=need)
     except ImageTooLarge as exc:
-        raise ClipidError(f"column 'image': {exc}") from None
+        raise ClipidError(f"column 'image': {exc} (the default of clipid's serve.max_pixels)") \
+            from None
     except ImageRejected as exc:
         raise ClipidError(f"column 'image': not a readable image ({exc})") from None
 

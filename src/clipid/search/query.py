@@ -14,7 +14,7 @@ from PIL import Image
 
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
-from clipid.data.images import ImageRejected, load_rgb
+from clipid.data.images import ImageRejected, ImageTooLarge, load_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
 from clipid.models.stages import model_for_stage
@@ -59,6 +59,8 @@ def embed_image(clip: ClipModel, path: Path, max_pixels: int, flip: bool = False
     refused over ``max_pixels``, decoded no larger than the model needs)."""
     try:
         image = load_rgb(Path(path), max_pixels=max_pixels, need=input_size(clip))
+    except ImageTooLarge as exc:
+        raise ClipidError(f"--image {path}: {exc} (serve.max_pixels)") from None
     except ImageRejected as exc:
         raise ClipidError(f"--image {path}: {exc}") from None
     return embed_pil(clip, image, flip=flip, device=device)
