@@ -13,7 +13,6 @@ from clipid.metrics import (
     verification_loop,
 )
 from clipid.metrics.verification import ROC_GRID, fpr_name
-
 from test_metrics import clustered_case
 
 FPRS = (0.0, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5, 1.0)

@@ -7,8 +7,9 @@ tests and ``bench/metrics.py`` hold the vectorised versions to.
 - :func:`verification_loop`: every query-gallery pair, one at a time, into the ROC of "same
   identity?" (fast-reid's pair set: same-identity same-camera pairs left out), reference of
   :func:`clipid.metrics.verification`;
-- :func:`average_query_expansion_loop`: alpha-weighted query expansion (Radenovic et al.; fast-reid's
-  ``aqe``) one image at a time, reference of :func:`clipid.metrics.average_query_expansion`;
+- :func:`average_query_expansion_loop`: alpha-weighted query expansion (Radenovic et al.,
+  fast-reid's ``aqe``) one image at a time, reference of
+  :func:`clipid.metrics.average_query_expansion`;
 - :func:`k_reciprocal_rerank_loop`: k-reciprocal re-ranking (Zhong et al., CVPR 2017) step by
   step as the authors' python code (``re_ranking`` of zhunzhong07/person-re-ranking) does it,
   reference of :func:`clipid.metrics.k_reciprocal_rerank`.

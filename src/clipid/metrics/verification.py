@@ -58,11 +58,13 @@ class _Pairs:
         self.cams = None if q_cams is None else (np.asarray(q_cams), np.asarray(g_cams))
         self.bits = distmat.dtype.itemsize * 8
         self.unsigned = np.dtype(f"uint{self.bits}")
-        if np.isnan(distmat).any():
+        lowest = distmat.min() if distmat.size else 0.0  # NaN if any is: min propagates it
+        if np.isnan(lowest):
             raise ValueError("verification needs distances that are not NaN")
         # Non-negative floats order as their bit patterns; otherwise the sign is folded in.
-        self.signed = bool(distmat.size) and bool(distmat.min() < 0)
+        self.signed = bool(lowest < 0)
         n_q, n_g = distmat.shape
+        self.block_elements = block_elements
         step = max(1, block_elements // max(n_g, 1))
         self.blocks = [(a, min(a + step, n_q)) for a in range(0, n_q, step)]
 
@@ -102,34 +104,66 @@ class _Target(NamedTuple):
     pos_at: int = 0
 
 
+class _Counter:
+    """``bincount`` of codes gathered over blocks, counted a block's worth at a time (a few
+    codes per block under a long prefix list would otherwise zero the counts per block)."""
+
+    def __init__(self, size: int, flush_at: int, dtype: type):
+        self.counts = np.zeros(size, dtype=dtype)
+        self.pending: list[np.ndarray] = []
+        self.held, self.flush_at = 0, flush_at
+
+    def add(self, codes: np.ndarray) -> None:
+        self.pending.append(codes)
+        self.held += len(codes)
+        if self.held >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> np.ndarray:
+        if self.pending:  # counts fit the dtype: no bin holds more than every pair
+            self.counts += np.bincount(np.concatenate(self.pending),
+                                       minlength=len(self.counts)).astype(self.counts.dtype)
+        self.pending, self.held = [], 0
+        return self.counts
+
+
 def _histograms(pairs: _Pairs, prefixes: np.ndarray, level: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Negatives and positives by (prefix, next digit): ``(len(prefixes), 2**DIGIT)`` counts
     of the keys that start with one of ``prefixes`` (``level`` digits)."""
     width = 1 << DIGIT
     shift = pairs.bits - DIGIT * (level + 1)
-    first = np.zeros(width, dtype=bool)
-    first[prefixes >> (DIGIT * (level - 1)) if level else 0] = True
-    total = np.zeros(len(prefixes) * width, dtype=np.int64)
-    same = np.zeros_like(total)
-    positive = np.zeros_like(total)
+    top = pairs.bits - DIGIT
+    # First digit -> 1 + the slot of the one prefix that starts with it (level 1), or 1 for
+    # any prefix that does (deeper levels, which then search the prefixes), 0 for none.
+    lut = np.zeros(width, dtype=np.intp)
+    if level:
+        lut[prefixes >> (DIGIT * (level - 1))] = np.arange(1, len(prefixes) + 1)
 
     def codes(keys: np.ndarray) -> np.ndarray:
         """(prefix slot, digit) codes of the keys under one of the prefixes."""
         if level == 0:
-            return (keys >> shift).astype(np.intp)
-        keys = keys[first[keys >> (pairs.bits - DIGIT)]]  # cheap filter: the first digit
-        head = keys >> (shift + DIGIT)
-        slot = np.minimum(np.searchsorted(prefixes, head), len(prefixes) - 1)
-        keys, slot = keys[prefixes[slot] == head], slot[prefixes[slot] == head]
-        return slot * width + ((keys >> shift) & (width - 1)).astype(np.intp)
+            return np.right_shift(keys, shift, out=np.empty(len(keys), dtype=np.intp))
+        slot = lut[np.right_shift(keys, top, out=np.empty(len(keys), dtype=np.intp))]
+        under = np.flatnonzero(slot)  # cheap filter: the first digit
+        keys, slot = keys[under], slot[under] - 1
+        if level > 1:
+            head = keys >> (shift + DIGIT)
+            slot = np.minimum(np.searchsorted(prefixes, head), len(prefixes) - 1)
+            keys, slot = keys[prefixes[slot] == head], slot[prefixes[slot] == head]
+        return slot * width + (keys >> shift & (width - 1)).astype(np.intp)
 
+    # int32 counts where they fit: the (prefixes x 65536) histograms are the memory peak.
+    dtype = np.int32 if pairs.distmat.size < 2**31 else np.int64
+    total, same, positive = (_Counter(len(prefixes) * width, pairs.block_elements, dtype)
+                             for _ in range(3))
     for keys, same_keys, is_positive in pairs:
-        total += np.bincount(codes(keys), minlength=len(total))
-        same += np.bincount(codes(same_keys), minlength=len(total))
-        positive += np.bincount(codes(same_keys[is_positive]), minlength=len(total))
-    negative = (total - same).reshape(len(prefixes), width)
-    return negative, positive.reshape(len(prefixes), width)
+        total.add(codes(keys))
+        same.add(codes(same_keys))
+        positive.add(codes(same_keys[is_positive]))
+    negative = np.subtract(total.flush(), same.flush(), out=total.counts)
+    return (negative.reshape(len(prefixes), width).astype(np.int64),
+            positive.flush().reshape(len(prefixes), width).astype(np.int64))
 
 
 def _narrow(targets: list[_Target], pairs: _Pairs, level: int) -> list[_Target]:
