@@ -83,7 +83,7 @@ def _columns(metrics: dict[str, dict]) -> list[tuple[str, str, str]]:
     ranks = sorted({k for k in keys if k[0] == "R" and k[1:].isdigit()}, key=lambda k: int(k[1:]))
     rates = [k for k in dict.fromkeys(keys) if k.startswith("TPR_at_FPR_")] + \
         (["EER"] if "EER" in keys else [])
-    headers = {k: f"TPR@FPR {k.rsplit('_', 1)[1]}" for k in rates} | {"EER": "EER"}
+    headers = {k: f"TPR@FPR {k.rsplit('_', 1)[1]}" if k != "EER" else k for k in rates}
     return ([("i2i", k, f"i2i {k}") for k in [*ranks, "mAP", "mINP"]]
             + [("i2i", k, f"i2i {headers[k]}") for k in rates]
             + [("t2i", k, f"t2i {k}") for k in ("R1", "mAP", "mINP")])
