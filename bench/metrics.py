@@ -236,7 +236,7 @@ def interleaved(contenders: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-def figures_benchmark(rounds: int = 5) -> bool:
+def figures_benchmark(rounds: int = 9) -> bool:
     load = os.getloadavg()[0]
     args = market_like()
     distmat = args[0]
