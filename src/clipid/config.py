@@ -148,6 +148,14 @@ class TrainParams:
     augment_device: Literal["loader", "batch"] = "loader"
     image_cache: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
+    pk_epoch: Literal["identities", "instances"] = "identities"
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    bias_lr_factor: float = _spec(1.0, gt=0)
+    weight_decay_bias: float = _spec(0.0, ge=0)
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: list[int] = _spec([30, 50], ge=1)
+    gamma: float = _spec(0.1, gt=0, le=1)
+    warmup_factor: float = _spec(0.1, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,10 @@ class ClipReidParams:
     prompt_lr: float = _spec(5e-3, gt=0, le=1)
     prompt_weight_decay: float = _spec(1e-4, ge=0)
     prompt_warmup_epochs: float = _spec(2.0, ge=0)
+    prompt_warmup_lr: float = _spec(0.0, ge=0)
+    prompt_lr_min: float = _spec(0.0, ge=0)
+    prompt_schedule_unit: Literal["step", "epoch"] = "step"
+    losses: Literal["clipid", "paper"] = "clipid"
     epochs: int = _spec(0, ge=0)
     lr_mult: float = _spec(1.0, gt=0)
     i2t_weight: float = _spec(1.0, ge=0)

@@ -30,7 +30,7 @@ from clipid.training.losses import (
     SupConLoss,
     TripletLoss,
 )
-from clipid.training.schedule import param_groups
+from clipid.training.schedule import DecayRule, param_groups
 from clipid.training.towers import set_trainable, tower_parameters
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class IdentityTerm(LossTerm):
 
     def param_groups(self, lr: float, train: TrainParams) -> list[dict]:
         return param_groups(list(self.head.named_parameters()), lr * train.head_lr_mult,
-                            train.weight_decay, "head")
+                            train.weight_decay, "head", DecayRule.of(train))
 
     def exported(self) -> dict[str, torch.Tensor]:
         return dict(self.head.state_dict())
@@ -244,13 +244,14 @@ class Objective(nn.Module):
             term.train()
 
     def param_groups(self, train: TrainParams) -> list[dict]:
-        """AdamW groups: image tower, text tower, logit scale, then the terms' own (head)."""
-        spec, model = self.spec, self.model
+        """Optimiser groups: image tower, text tower, logit scale, then the terms' own (head)."""
+        spec, model, rule = self.spec, self.model, DecayRule.of(train)
         lr = train.lr * spec.lr_mult
-        groups = param_groups(tower_parameters(model, "image"), lr, train.weight_decay, "image")
+        groups = param_groups(tower_parameters(model, "image"), lr, train.weight_decay, "image",
+                              rule)
         groups += param_groups(tower_parameters(model, "text"), train.lr * spec.text_lr_mult,
-                               train.weight_decay, "text")
-        groups += param_groups(tower_parameters(model, "scale"), lr, 0.0, "scale")
+                               train.weight_decay, "text", rule)
+        groups += param_groups(tower_parameters(model, "scale"), lr, 0.0, "scale", rule)
         for term in self.terms:
             groups += term.param_groups(lr, train)
         return groups

@@ -44,7 +44,7 @@ from clipid.stage_registry import get_stage
 from clipid.training.loop import EpochLoop, Optimization, TrainingState, epoch_seed, fingerprint
 from clipid.training.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
 from clipid.training.objective import LossTerm, Outputs, TermContext
-from clipid.training.schedule import warmup_cosine
+from clipid.training.schedule import EpochSchedule, cosine_by_epoch, warmup_cosine
 from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,14 @@ def _prompt_optimization(params: Params, learner: PromptLearner, steps_per_epoch
     cfg = params.clipreid
     optimizer = torch.optim.Adam([learner.ctx], lr=cfg.prompt_lr,
                                  weight_decay=cfg.prompt_weight_decay)
-    scheduler = warmup_cosine(optimizer, round(cfg.prompt_warmup_epochs * steps_per_epoch),
-                              cfg.prompt_epochs * steps_per_epoch)
+    scheduler: Any
+    if cfg.prompt_schedule_unit == "epoch":
+        scheduler = EpochSchedule(optimizer, cosine_by_epoch(
+            cfg.prompt_epochs, cfg.prompt_warmup_epochs, cfg.prompt_warmup_lr, cfg.prompt_lr_min))
+    else:
+        scheduler = warmup_cosine(optimizer, round(cfg.prompt_warmup_epochs * steps_per_epoch),
+                                  cfg.prompt_epochs * steps_per_epoch,
+                                  start=cfg.prompt_warmup_lr, floor=cfg.prompt_lr_min)
     return Optimization(optimizer, scheduler, grad_scaler(dtype, device))
 
 

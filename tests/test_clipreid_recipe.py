@@ -1,0 +1,269 @@
+"""CLIP-ReID's training recipe against plain transcriptions of its published code (Syliz517/
+CLIP-ReID): the instance-covering PK epoch, Adam with L2 decay and the bias factor, the per-epoch
+warm-up + multistep and warm-up + cosine schedules, the losses of both stages, pad_crop."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from bisect import bisect_right
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from clipid.config import params_from_dict
+from clipid.models.factory import create_model
+from clipid.training.objective import Objective, standard_terms
+from clipid.training.samplers import InstancePKSampler, PKSampler, instance_batches
+from clipid.training.schedule import (
+    EpochSchedule,
+    cosine_by_epoch,
+    make_optimizer,
+    multistep_by_epoch,
+    warmup_cosine,
+)
+
+# --------------------------------------------------------------------- transcriptions
+
+
+def reference_identity_sampler(pids: list[int], batch_size: int, num_instances: int
+                               ) -> list[int]:
+    """RandomIdentitySampler.__iter__ (datasets/sampler.py), on the global random generators."""
+    index_dic = defaultdict(list)
+    for index, pid in enumerate(pids):
+        index_dic[pid].append(index)
+    all_pids = list(index_dic.keys())
+    per_batch = batch_size // num_instances
+    batch_idxs_dict = defaultdict(list)
+    for pid in all_pids:
+        idxs = copy.deepcopy(index_dic[pid])
+        if len(idxs) < num_instances:
+            idxs = np.random.choice(idxs, size=num_instances, replace=True)
+        random.shuffle(idxs)
+        batch_idxs = []
+        for idx in idxs:
+            batch_idxs.append(int(idx))
+            if len(batch_idxs) == num_instances:
+                batch_idxs_dict[pid].append(batch_idxs)
+                batch_idxs = []
+    avai_pids = copy.deepcopy(all_pids)
+    final_idxs: list[int] = []
+    while len(avai_pids) >= per_batch:
+        for pid in random.sample(avai_pids, per_batch):
+            final_idxs.extend(batch_idxs_dict[pid].pop(0))
+            if len(batch_idxs_dict[pid]) == 0:
+                avai_pids.remove(pid)
+    return final_idxs
+
+
+def reference_sampler_length(pids: list[int], num_instances: int) -> int:
+    """RandomIdentitySampler.__len__: what their DataLoader divides by the batch size."""
+    length = 0
+    for num in Counter(pids).values():
+        num = max(num, num_instances)
+        length += num - num % num_instances
+    return length
+
+
+class ReferenceWarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
+    """solver/lr_scheduler.py WarmupMultiStepLR, linear warm-up."""
+
+    def __init__(self, optimizer, milestones, gamma, warmup_factor, warmup_epochs):
+        self.milestones, self.gamma = milestones, gamma
+        self.warmup_factor, self.warmup_epochs = warmup_factor, warmup_epochs
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        factor = 1
+        if self.last_epoch < self.warmup_epochs:
+            alpha = self.last_epoch / self.warmup_epochs
+            factor = self.warmup_factor * (1 - alpha) + alpha
+        return [base * factor * self.gamma ** bisect_right(self.milestones, self.last_epoch)
+                for base in self.base_lrs]
+
+
+def reference_cosine_lr(t: int, base: float, t_initial: int, lr_min: float,
+                        warmup_lr_init: float, warmup_t: int) -> float:
+    """timm CosineLRScheduler._get_lr as create_scheduler builds it (t_mul 1, decay_rate 0.1,
+    cycle_limit 1, no warm-up prefix)."""
+    if t < warmup_t:
+        return warmup_lr_init + t * (base - warmup_lr_init) / warmup_t
+    i = t // t_initial
+    t_i, t_curr = t_initial, t - t_initial * i
+    gamma = 0.1 ** i
+    if i < 1:
+        low, high = lr_min * gamma, base * gamma
+        return low + 0.5 * (high - low) * (1 + math.cos(math.pi * t_curr / t_i))
+    return lr_min
+
+
+def reference_stage2_groups(named, base_lr, weight_decay, weight_decay_bias, bias_lr_factor):
+    """make_optimizer_2stage: one group per trainable parameter."""
+    groups = []
+    for key, value in named:
+        if not value.requires_grad:
+            continue
+        lr, decay = base_lr, weight_decay
+        if "bias" in key:
+            lr, decay = base_lr * bias_lr_factor, weight_decay_bias
+        groups.append({"params": [value], "lr": lr, "weight_decay": decay})
+    return groups
+
+
+# --------------------------------------------------------------------- the PK epoch
+
+def market_like_labels(identities: int = 751, images: int = 12_936, seed: int = 0) -> list[int]:
+    """Per-identity image counts with Market-1501's train totals (751 ids, 12,936 images; the
+    real split's per-identity counts are not at hand): 2..72 images, most near the mean."""
+    rng = np.random.RandomState(seed)
+    counts = np.clip(rng.gamma(4.0, images / identities / 4.0, identities).round(), 2, 72)
+    counts = counts.astype(int)
+    while counts.sum() != images:  # nudge to the exact total, keeping every count in 2..72
+        i = rng.randint(identities)
+        step = 1 if counts.sum() < images else -1
+        if 2 <= counts[i] + step <= 72:
+            counts[i] += step
+    labels = [pid for pid, n in enumerate(counts) for _ in range(n)]
+    return [labels[i] for i in rng.permutation(len(labels))]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_instance_epoch_is_the_published_sampler_index_for_index(seed):
+    labels = market_like_labels()
+    by_identity: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_identity.setdefault(label, []).append(index)
+    random.seed(seed)
+    np.random.seed(seed)
+    expected = reference_identity_sampler(labels, 64, 4)
+    batches = instance_batches(by_identity, 16, 4, random.Random(seed),
+                               np.random.RandomState(seed))
+    assert [i for batch in batches for i in batch] == expected
+
+
+def test_market1501_epoch_length_instances_vs_identities():
+    labels = market_like_labels()
+    instances = InstancePKSampler(labels, p=16, k=4, seed=0)
+    identities = PKSampler(labels, p=16, k=4, seed=0)
+    assert len(identities) // 64 == 751 // 16 == 46
+    # Their DataLoader reports ceil(length / 64); the epoch stops when fewer than 16
+    # identities have a group left, so a few groups (at most 15 identities' worth) remain.
+    groups = reference_sampler_length(labels, 4) // 4
+    reported = math.ceil(reference_sampler_length(labels, 4) / 64)
+    for epoch in range(3):
+        instances.set_epoch(epoch)
+        batches = len(instances) // 64
+        assert len(instances) % 64 == 0
+        assert batches <= reported and groups - 16 * batches >= 0
+        assert 170 <= batches <= 190  # the ~180 of the issue, vs 46
+        order = list(instances)
+        sizes = Counter(labels)
+        # An identity of at least 4 images gives each image at most once; one of 2 or 3
+        # draws 4 with replacement.
+        plenty = [i for i in order if sizes[labels[i]] >= 4]
+        assert len(set(plenty)) == len(plenty)
+        taken = Counter(labels[i] for i in order)
+        full = [pid for pid, n in taken.items() if n == max(sizes[pid], 4) // 4 * 4]
+        assert len(full) >= 751 - 15  # all but the identities left over at the end
+
+
+def test_instance_epoch_is_deterministic_per_epoch_and_sharded():
+    labels = market_like_labels(identities=40, images=400)
+    one = InstancePKSampler(labels, p=4, k=4, seed=3)
+    again = InstancePKSampler(labels, p=4, k=4, seed=3)
+    one.set_epoch(2)
+    again.set_epoch(2)
+    assert list(one) == list(again)
+    again.set_epoch(1)
+    assert list(one) != list(again)
+    shards = [InstancePKSampler(labels, p=4, k=4, seed=3, rank=r, world_size=2)
+              for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(2)
+    whole = list(one)
+    batches = [whole[b * 16:(b + 1) * 16] for b in range(len(whole) // 16)]
+    per_rank = len(batches) // 2
+    for rank, shard in enumerate(shards):
+        assert list(shard) == [i for b in batches[rank:2 * per_rank:2] for i in b]
+
+
+# --------------------------------------------------------------------- optimiser and schedules
+
+def recipe_objective(**train):
+    params = params_from_dict({"train": {"optimizer": "adam", "lr": 5e-6, "weight_decay": 1e-4,
+                                         "weight_decay_bias": 1e-4, "bias_lr_factor": 2.0,
+                                         "head_lr_mult": 1.0, **train},
+                               "clipreid": {"id_weight": 0.25}})
+    spec = params.clipreid.image_stage()
+    clip = create_model("clipid-vit-tiny", seed=0)
+    from clipid.training.towers import set_trainable
+    set_trainable(clip.model, image=True, text=False, scale=False)
+    torch.manual_seed(0)
+    terms = standard_terms(spec, params.train, 5, int(clip.model.visual.output_dim), None)
+    return params, Objective(clip.model, terms, spec)
+
+
+def test_every_parameter_learning_rate_and_decay_at_every_epoch_is_clipreids():
+    params, objective = recipe_objective(schedule="multistep", warmup_epochs=10.0,
+                                         milestones=[30, 50], gamma=0.1, warmup_factor=0.1)
+    train = params.train
+    optimizer = make_optimizer(objective.param_groups(train), train.optimizer, train.lr)
+    assert isinstance(optimizer, torch.optim.Adam)
+    schedule = EpochSchedule(optimizer, multistep_by_epoch(
+        train.milestones, train.gamma, train.warmup_factor, train.warmup_epochs))
+    named = list(objective.named_parameters())
+    reference = torch.optim.Adam(reference_stage2_groups(named, 5e-6, 1e-4, 1e-4, 2.0))
+    ref_schedule = ReferenceWarmupMultiStepLR(reference, [30, 50], 0.1, 0.1, 10)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trained = [(n, p) for n, p in named if p.requires_grad]
+    assert len(group_of) == len(trained) == len(reference.param_groups)
+    assert any("bias" in n for n, _ in trained) and any("head" in n for n, _ in trained)
+    for epoch in range(60):
+        ref_schedule.step()          # their loop: scheduler.step() before each epoch
+        schedule.start_epoch(epoch)  # clipid's loop: at the start of each epoch
+        for (name, param), ref in zip(trained, reference.param_groups, strict=True):
+            group = group_of[id(param)]
+            assert group["lr"] == pytest.approx(ref["lr"], rel=1e-12), (epoch, name)
+            assert group["weight_decay"] == ref["weight_decay"], name
+
+
+def test_default_groups_are_adamw_without_decay_on_one_d_parameters():
+    params, objective = recipe_objective(optimizer="adamw", bias_lr_factor=1.0)
+    groups = objective.param_groups(params.train)
+    assert [g["name"] for g in groups[:2]] == ["image", "image_no_decay"]
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, param in objective.named_parameters():
+        if param.requires_grad:
+            assert (id(param) in decayed) == (param.ndim >= 2 and "ln" not in name), name
+    assert isinstance(make_optimizer(groups, "adamw", 1e-3), torch.optim.AdamW)
+
+
+def test_prompt_stage_cosine_by_epoch_is_timms_as_clipreid_steps_it():
+    lr_at = cosine_by_epoch(120, 5, 1e-5, 1e-6)
+    for epoch in range(120):
+        expected = reference_cosine_lr(epoch + 1, 3.5e-4, 120, 1e-6, 1e-5, 5)
+        assert lr_at(3.5e-4, epoch) == pytest.approx(expected, rel=1e-12), epoch
+    assert lr_at(3.5e-4, 119) == 1e-6
+
+
+def test_per_step_cosine_with_start_and_floor_and_default_unchanged():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    plain = torch.optim.Adam([weight], lr=0.5)
+    scheduler = warmup_cosine(plain, 4, 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(plain.param_groups[0]["lr"])
+        scheduler.step()
+    expected = [0.5 * (s + 1) / 4 if s < 4 else
+                0.5 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) for s in range(20)]
+    assert lrs == expected  # bit for bit: the default schedule did not move
+    bounded = torch.optim.Adam([weight], lr=0.5)
+    scheduler = warmup_cosine(bounded, 4, 20, start=0.1, floor=0.01)
+    first = bounded.param_groups[0]["lr"]
+    for _ in range(25):
+        scheduler.step()
+    assert first == pytest.approx(0.1 + 0.4 / 4)
+    assert bounded.param_groups[0]["lr"] == pytest.approx(0.01)
