@@ -267,3 +267,87 @@ def test_per_step_cosine_with_start_and_floor_and_default_unchanged():
         scheduler.step()
     assert first == pytest.approx(0.1 + 0.4 / 4)
     assert bounded.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+# --------------------------------------------------------------------- pad_crop augmentation
+
+def reference_pixel_erasing(img: torch.Tensor, probability: float, rng: random.Random
+                            ) -> torch.Tensor:
+    """timm RandomErasing(mode='pixel', max_count=1) on one CHW image, drawing from ``rng``."""
+    chan, img_h, img_w = img.shape
+    if rng.random() > probability:
+        return img
+    area = img_h * img_w
+    for _ in range(10):
+        target_area = rng.uniform(0.02, 1 / 3) * area
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < img_w and h < img_h:
+            top, left = rng.randint(0, img_h - h), rng.randint(0, img_w - w)
+            img[:, top:top + h, left:left + w] = torch.empty(chan, h, w).normal_()
+            break
+    return img
+
+
+def reference_pad_crop(image, size, mean, std, padding, erasing, seed):
+    """make_dataloader_clipreid's train_transforms: Resize (bicubic), RandomHorizontalFlip,
+    Pad, RandomCrop, ToTensor, Normalize, RandomErasing; each draw as torchvision makes it,
+    Python's generator seeded from torch's as clipid does for timm's erasing."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    torch.manual_seed(seed)
+    x = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)
+    if torch.rand(1) < 0.5:
+        x = TF.hflip(x)
+    x = TF.pad(x, padding)
+    width, height = x.size
+    top = int(torch.randint(0, height - size[0] + 1, size=(1,)))
+    left = int(torch.randint(0, width - size[1] + 1, size=(1,)))
+    x = TF.normalize(TF.to_tensor(TF.crop(x, top, left, *size)), mean, std)
+    rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+    return reference_pixel_erasing(x, erasing, rng)
+
+
+def test_pad_crop_is_clipreids_augmentation_draw_for_draw():
+    from PIL import Image
+
+    from clipid.data.loader import seeded
+    from clipid.training.data import pad_crop_transform
+
+    pixels = np.random.RandomState(0).randint(0, 256, (70, 30, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    mean, std = [0.5] * 3, [0.5] * 3
+    transform = pad_crop_transform((32, 16), mean, std, flip=True, padding=10,
+                                   random_erasing=0.5)
+    only_flip = pad_crop_transform((32, 16), mean, std, flip=True, padding=0, random_erasing=0)
+    erased = flipped = 0
+    python_state = random.getstate()
+    for seed in range(40):
+        ours = seeded(seed, transform, image)
+        expected = reference_pad_crop(image, (32, 16), mean, std, 10, 0.5, seed)
+        assert ours.shape == (3, 32, 16)
+        assert torch.equal(ours, expected), seed
+        erased += int((ours.abs() > 1.0 + 1e-6).any())  # normal pixels leave [-1, 1]
+        plain = seeded(seed, only_flip, image)
+        flipped += int(torch.equal(plain, reference_pad_crop(image, (32, 16), mean, std, 0, 0,
+                                                             seed)) and not torch.equal(
+            plain, torch.flip(plain, dims=[2])))
+    assert random.getstate() == python_state  # the caller's Python generator is untouched
+    assert 5 < erased < 35 and flipped == 40
+
+
+def test_pad_crop_is_what_the_engine_builds_and_batch_augment_refuses_it():
+    from clipid.errors import ClipidError
+    from clipid.training.data import build_batch_augment, build_train_transform
+
+    params = params_from_dict({"train": {"augment": {"policy": "pad_crop", "padding": 10}}})
+    clip = create_model("clipid-vit-tiny", seed=0)
+    steps = [type(t).__name__ for t in build_train_transform(clip, params).transforms]
+    assert steps == ["Resize", "RandomHorizontalFlip", "Pad", "RandomCrop", "ToTensor",
+                     "Normalize", "PythonSeeded"]
+    batch = params_from_dict({"train": {"augment": {"policy": "pad_crop"},
+                                        "augment_device": "batch"}})
+    with pytest.raises(ClipidError, match="train.augment.policy"):
+        build_batch_augment(clip, batch)

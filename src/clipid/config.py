@@ -122,6 +122,8 @@ class AugmentParams:
     flip: bool = True
     crop_scale: float = _spec(0.7, gt=0, le=1)
     random_erasing: float = _spec(0.25, ge=0, le=1)
+    policy: Literal["resized_crop", "pad_crop"] = "resized_crop"
+    padding: int = _spec(10, ge=0)
 
 
 @dataclass(frozen=True)
