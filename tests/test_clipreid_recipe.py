@@ -25,6 +25,7 @@ from clipid.training.schedule import (
     multistep_by_epoch,
     warmup_cosine,
 )
+from clipid.training.towers import set_trainable
 
 # --------------------------------------------------------------------- transcriptions
 
@@ -196,16 +197,17 @@ def recipe_objective(**train):
     params = params_from_dict({"train": {"optimizer": "adam", "lr": 5e-6, "weight_decay": 1e-4,
                                          "weight_decay_bias": 1e-4, "bias_lr_factor": 2.0,
                                          "head_lr_mult": 1.0, **train},
-                               "clipreid": {"id_weight": 0.25}})
+                               "clipreid": {"id_weight": 0.25, "losses": "paper"}})
     spec = params.clipreid.image_stage()
     clip = create_model("clipid-vit-tiny", seed=0)
-    from clipid.training.towers import set_trainable
     set_trainable(clip.model, image=True, text=False, scale=False)
     torch.manual_seed(0)
-    terms = standard_terms(spec, params.train, 5, int(clip.model.visual.output_dim), None)
+    terms = standard_terms(spec, params.train, 5, int(clip.model.visual.output_dim), None,
+                           clip.model)
     return params, Objective(clip.model, terms, spec)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
 def test_every_parameter_learning_rate_and_decay_at_every_epoch_is_clipreids():
     params, objective = recipe_objective(schedule="multistep", warmup_epochs=10.0,
                                          milestones=[30, 50], gamma=0.1, warmup_factor=0.1)
@@ -220,7 +222,8 @@ def test_every_parameter_learning_rate_and_decay_at_every_epoch_is_clipreids():
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     trained = [(n, p) for n, p in named if p.requires_grad]
     assert len(group_of) == len(trained) == len(reference.param_groups)
-    assert any("bias" in n for n, _ in trained) and any("head" in n for n, _ in trained)
+    assert any("bias" in n for n, _ in trained)
+    assert any("head.cls." in n for n, _ in trained) and any("head.proj." in n for n, _ in trained)
     for epoch in range(60):
         ref_schedule.step()          # their loop: scheduler.step() before each epoch
         schedule.start_epoch(epoch)  # clipid's loop: at the start of each epoch
@@ -249,6 +252,7 @@ def test_prompt_stage_cosine_by_epoch_is_timms_as_clipreid_steps_it():
     assert lr_at(3.5e-4, 119) == 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
 def test_per_step_cosine_with_start_and_floor_and_default_unchanged():
     weight = torch.nn.Parameter(torch.zeros(1))
     plain = torch.optim.Adam([weight], lr=0.5)
@@ -351,3 +355,144 @@ def test_pad_crop_is_what_the_engine_builds_and_batch_augment_refuses_it():
                                         "augment_device": "batch"}})
     with pytest.raises(ClipidError, match="train.augment.policy"):
         build_batch_augment(clip, batch)
+
+
+# --------------------------------------------------------------------- the losses of both stages
+
+def reference_supcon(text_features, image_features, t_label, i_targets):
+    """loss/supcontrast.py SupConLoss.forward (temperature 1)."""
+    mask = torch.eq(t_label[:, None], i_targets[None, :]).float()
+    logits = text_features @ image_features.T / 1.0
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    log_prob = logits - torch.log(torch.exp(logits).sum(1, keepdim=True))
+    return -((mask * log_prob).sum(1) / mask.sum(1)).mean()
+
+
+def reference_text_features(model, tokenizer, ctx, labels):
+    """PromptLearner.forward + TextEncoder.forward of make_model_clipreid.py, on open_clip's
+    modules: prefix = SOT + 'A photo of a', the identity's 4 vectors, suffix = 'person.' ..."""
+    tokens = tokenizer(["A photo of a X X X X person."])
+    with torch.no_grad():
+        embedding = model.token_embedding(tokens)
+    count = len(labels)
+    prompts = torch.cat([embedding[:, :5].expand(count, -1, -1), ctx[labels],
+                         embedding[:, 9:].expand(count, -1, -1)], dim=1)
+    x = prompts + model.positional_embedding
+    if not model.transformer.batch_first:
+        x = x.permute(1, 0, 2)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    if not model.transformer.batch_first:
+        x = x.permute(1, 0, 2)
+    x = model.ln_final(x)
+    return x[torch.arange(count), tokens.argmax(dim=-1).expand(count)] @ model.text_projection
+
+
+def reference_xent(inputs, targets, num_classes, epsilon=0.1):
+    """loss/softmax_loss.py CrossEntropyLabelSmooth."""
+    log_probs = torch.log_softmax(inputs, dim=1)
+    onehot = torch.zeros_like(log_probs).scatter_(1, targets[:, None], 1)
+    smoothed = (1 - epsilon) * onehot + epsilon / num_classes
+    return (-smoothed * log_probs).mean(0).sum()
+
+
+def reference_triplet(feat, labels, margin=0.3):
+    """loss/triplet_loss.py TripletLoss()(feat, labels)[0]: no normalisation, hard mining over
+    a mask that includes the anchor itself, MarginRankingLoss."""
+    n = feat.size(0)
+    xx = feat.pow(2).sum(1, keepdim=True).expand(n, n)
+    dist = (xx + xx.t() - 2 * feat @ feat.t()).clamp(min=1e-12).sqrt()
+    is_pos = labels.expand(n, n).eq(labels.expand(n, n).t())
+    is_neg = labels.expand(n, n).ne(labels.expand(n, n).t())
+    dist_ap = dist[is_pos].contiguous().view(n, -1).max(1).values
+    dist_an = dist[is_neg].contiguous().view(n, -1).min(1).values
+    return torch.nn.functional.margin_ranking_loss(dist_an, dist_ap, torch.ones_like(dist_an),
+                                                   margin=margin)
+
+
+def tiny_clip():
+    clip = create_model("clipid-vit-tiny", seed=0)
+    clip.model.eval()
+    return clip
+
+
+def test_learnt_prompt_text_features_are_clipreids():
+    from clipid.training.prompts import PromptLearner
+
+    clip = tiny_clip()
+    learner = PromptLearner(clip, 6, 4, "a photo of a {ctx} {noun}.", "person", seed=1)
+    labels = torch.tensor([3, 0, 3, 5])
+    with torch.no_grad():
+        ours = learner.encode(clip.model, labels, normalize=False)
+        expected = reference_text_features(clip.model, clip.tokenizer, learner.ctx, labels)
+        assert learner.start == 5
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+        normalised = learner.encode(clip.model, labels)
+    torch.testing.assert_close(normalised, torch.nn.functional.normalize(expected, dim=-1))
+
+
+def test_prompt_stage_paper_loss_and_gradient_are_clipreids():
+    from clipid.training.prompts import PromptLearner, PromptObjective
+
+    clip = tiny_clip()
+    learner = PromptLearner(clip, 5, 4, "a photo of a {ctx} {noun}.", "person", seed=2)
+    generator = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, int(clip.model.visual.output_dim), generator=generator) * 2.0
+    labels = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0, 2, 1, 4])
+    objective = PromptObjective(learner, clip.model, feats, labels, torch.float32, paper=True)
+    index = torch.tensor([4, 0, 5, 1, 8, 2, 6, 11])
+    terms = objective(index)
+    ours = terms["i2t"] + terms["t2i"]
+    ours_grad, = torch.autograd.grad(ours, learner.ctx)
+
+    ctx = learner.ctx.detach().clone().requires_grad_(True)
+    target = labels[index]
+    text = reference_text_features(clip.model, clip.tokenizer, ctx, target)
+    image = feats[index]
+    expected = reference_supcon(image, text, target, target) \
+        + reference_supcon(text, image, target, target)
+    expected_grad, = torch.autograd.grad(expected, ctx)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    scale = float(expected_grad.abs().max())  # float32 sums of a different order
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-3, atol=1e-3 * scale)
+    assert ours_grad[:, 0].abs().sum() > 0
+
+
+def test_image_stage_paper_loss_is_clipreids_on_the_same_batch():
+    from clipid.models.visual import encode_image_parts
+    from clipid.training.prompts import PromptTerm, TextClassifier
+
+    params = params_from_dict({"clipreid": {"losses": "paper", "id_weight": 0.25,
+                                            "triplet_weight": 1.0, "i2t_weight": 1.0},
+                               "train": {"label_smoothing": 0.1, "triplet_margin": 0.3}})
+    spec = params.clipreid.image_stage()
+    clip = tiny_clip()
+    model = clip.model
+    classes = 4
+    generator = torch.Generator().manual_seed(3)
+    text = torch.randn(classes, int(model.visual.output_dim), generator=generator) * 3.0
+    torch.manual_seed(0)
+    terms = standard_terms(spec, params.train, classes, int(model.visual.output_dim), None,
+                           model)
+    classifier = TextClassifier([str(i) for i in range(classes)], text, 1.0)
+    terms.append(PromptTerm(classifier, torch.device("cpu"), 0.1, raw=True))
+    objective = Objective(model, terms, spec)
+    objective.start_epoch()
+    size = clip.image_size
+    images = torch.randn(8, 3, size, size, generator=generator)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    heads = objective.terms[0].head
+    weights = {name: copy.deepcopy(head) for name, head in heads.items()}
+    ours = objective(images, labels, torch.zeros(8, dtype=torch.long))
+    assert set(ours) == {"id", "triplet", "i2t"}
+
+    parts = encode_image_parts(model, images)
+    score = [weights[name](getattr(parts, name)) for name in ("cls", "proj")]
+    id_loss = sum(reference_xent(s, labels, classes) for s in score)
+    tri_loss = sum(reference_triplet(f, labels)
+                   for f in (parts.last_block_cls, parts.cls, parts.proj))
+    i2t_loss = reference_xent(parts.proj @ text.t(), labels, classes)
+    torch.testing.assert_close(ours["id"], 0.25 * id_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["triplet"], tri_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["i2t"], i2t_loss, rtol=1e-5, atol=1e-6)
+    assert heads["cls"].classifier.in_features == int(model.visual.class_embedding.shape[0])
+    assert heads["proj"].classifier.in_features == int(model.visual.output_dim)

@@ -176,6 +176,7 @@ class StageParams:
     epochs: int = _spec(0, ge=0)
     lr_mult: float = _spec(1.0, gt=0)
     text_lr_mult: float = _spec(1.0, gt=0)
+    identity_losses: Literal["clipid", "paper"] = "clipid"
 
     @property
     def contrastive(self) -> bool:
@@ -217,7 +218,8 @@ class ClipReidParams:
         return StageParams(init=self.init, train_image=True, train_text=False, loss="none",
                            contrastive_weight=0.0, id_weight=self.id_weight,
                            triplet_weight=self.triplet_weight, center_weight=self.center_weight,
-                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult)
+                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult,
+                           identity_losses=self.losses)
 
 
 # The models a gallery can be indexed with: a stage with a model (Stage 1 is the pretrained

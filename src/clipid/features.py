@@ -27,10 +27,11 @@ def _world() -> tuple[int, int]:
 def image_features(model: torch.nn.Module, paths: list[Path], transform: Callable, *,
                    batch_size: int = 64, workers: int = 0, flip: bool = False,
                    device: str | torch.device = "cpu", desc: str = "image features",
-                   dtype: torch.dtype = torch.float32, shard: bool = False
-                   ) -> torch.Tensor | None:
+                   dtype: torch.dtype = torch.float32, shard: bool = False,
+                   normalize: bool = True) -> torch.Tensor | None:
     """``(N, D)`` float32 unit vectors; with ``flip`` the embedding of the image and of its mirror
     are averaged before normalising. A half ``dtype`` runs the model under autocast (CUDA).
+    ``normalize=False`` keeps the raw features (CLIP-ReID's prompt stage reads those).
 
     With ``shard`` in a process group of W ranks, rank r embeds batches r, r + W, ... (the very
     batches of a single-process run, so every row has the same bits) and rank 0 gathers them
@@ -52,7 +53,7 @@ def image_features(model: torch.nn.Module, paths: list[Path], transform: Callabl
             feats = model.encode_image(images).float()
             if flip:
                 feats = feats + model.encode_image(torch.flip(images, dims=[3])).float()
-        chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+        chunks.append((F.normalize(feats.float(), dim=-1) if normalize else feats.float()).cpu())
     model.train(was_training)
     if world > 1:
         chunks = _gather_batches(chunks, rank, world)

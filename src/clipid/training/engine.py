@@ -201,7 +201,8 @@ class Trainer:
         # Seeded: torch's global generator starts from a random seed in every process, and a
         # stage that loads a checkpoint has not seeded it (create_model does for pretrained).
         torch.manual_seed(train.seed)
-        terms = standard_terms(spec, train, len(data.identities), dim, cached_text) + extra
+        terms = standard_terms(spec, train, len(data.identities), dim, cached_text,
+                               model) + extra
         if not any(term.weight > 0 for term in terms):
             raise ClipidError(f"{self.stage}: no loss term (loss is none and id_weight, "
                               "triplet_weight are 0)")
