@@ -496,3 +496,56 @@ def test_image_stage_paper_loss_is_clipreids_on_the_same_batch():
     torch.testing.assert_close(ours["i2t"], i2t_loss, rtol=1e-5, atol=1e-6)
     assert heads["cls"].classifier.in_features == int(model.visual.class_embedding.shape[0])
     assert heads["proj"].classifier.in_features == int(model.visual.output_dim)
+
+
+# --------------------------------------------------------------------- the whole recipe
+
+def test_both_stages_run_the_whole_recipe_and_log_its_learning_rates(tmp_path):
+    from clipid.models.checkpoint import load_checkpoint
+    from clipid.training.engine import Trainer
+    from clipid.training.prompts import learn_prompts
+
+    from conftest import prepare_data, workspace_over
+
+    recipe = {
+        "data": {"synthetic": {"items": 12, "views": 4, "image_size": 32}, "cache_size": 16,
+                 "workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "pk_k": 2, "log_every": 1, "workers": 0,
+                  "lr": 1e-4, "pk_epoch": "instances", "optimizer": "adam",
+                  "weight_decay": 1e-4, "weight_decay_bias": 1e-4, "bias_lr_factor": 2.0,
+                  "schedule": "multistep", "milestones": [1], "gamma": 0.1,
+                  "warmup_factor": 0.1, "warmup_epochs": 1.5, "grad_clip": 0.0,
+                  "head_lr_mult": 1.0, "augment": {"policy": "pad_crop",
+                                                   "random_erasing": 0.5}},
+        "clipreid": {"losses": "paper", "prompt_epochs": 2, "prompt_batch_size": 8,
+                     "prompt_lr": 3.5e-4, "prompt_warmup_epochs": 1.5, "prompt_warmup_lr": 1e-5,
+                     "prompt_lr_min": 1e-6, "prompt_schedule_unit": "epoch",
+                     "id_weight": 0.25, "noun": "person"},
+    }
+    params = params_from_dict(recipe)
+    workspace = workspace_over(prepare_data(params, tmp_path / "data"), tmp_path / "run")
+    prompt_lrs: list[float] = []
+    learn_prompts(params, device=torch.device("cpu"), workspace=workspace,
+                  on_log=lambda m, step: prompt_lrs.append(m["train/lr"]) if "train/lr" in m
+                  else None)
+    lr_at = cosine_by_epoch(2, 1.5, 1e-5, 1e-6)
+    assert sorted(set(prompt_lrs), reverse=True)[:1] == [lr_at(3.5e-4, 0)]
+    assert prompt_lrs[-1] == pytest.approx(1e-6)
+
+    image_lrs: dict[int, float] = {}
+    epoch = {"now": 0}
+
+    def on_log(metrics: dict, step: int) -> None:
+        if "train/lr" in metrics:
+            image_lrs.setdefault(epoch["now"], metrics["train/lr"])
+        if any(k.startswith("epoch/") for k in metrics):
+            epoch["now"] += 1
+
+    trainer = Trainer(params, "clipreid", device=torch.device("cpu"), workspace=workspace,
+                      on_log=on_log)
+    weights, meta = load_checkpoint(trainer.fit().checkpoint)
+    multistep = multistep_by_epoch([1], 0.1, 0.1, 1.5)
+    assert image_lrs == {e: pytest.approx(multistep(1e-4, e)) for e in range(2)}
+    assert {"heads.cls.classifier.weight", "heads.proj.classifier.weight"} <= set(weights)
+    assert {"i2t", "id", "triplet"} <= set(meta["history"][0])
+    assert len(meta["history"]) == 2
