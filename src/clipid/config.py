@@ -102,6 +102,15 @@ class CaptionParams:
 class ModelParams:
     name: str = "clipid-vit-tiny"
     pretrained: str = ""
+    quick_gelu: bool | Literal["auto"] = "auto"   # auto: as open_clip marks the pretrained tag
+    image_size: list[int] = _spec([], ge=16, le=4096)  # [height, width]; []: the architecture's
+    patch_stride: int = _spec(0, ge=0, le=64)      # ViT patch stride; 0: the patch size
+    last_stride: int = _spec(2, ge=1, le=2)        # modified ResNet: layer4's stride
+    mean: list[float] = _spec([], ge=0, le=1)      # [r, g, b]; []: the architecture's
+    std: list[float] = _spec([], gt=0, le=1)
+    embedding: Literal["proj", "concat"] = "proj"  # the image feature every consumer embeds with
+    sie: bool = False                              # learnt camera embedding (ViT)
+    sie_coe: float = _spec(1.0, ge=0)              # its coefficient
 
 
 @dataclass(frozen=True)
@@ -372,7 +381,7 @@ def _default(fld: dataclasses.Field) -> Any:
 
 
 def _where(source: str, lines: dict[str, int], key: str) -> str:
-    line = lines.get(key)
+    line = lines.get(key) or lines.get(key.split("[")[0])   # a list item: its key's line
     return f"{source}:{line}" if line else source
 
 

@@ -146,9 +146,12 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     position = {image: i for i, image in enumerate(images)}
     device = torch.device(device)
     dtype = resolve_precision(params.precision, device, "eval.precision")
+    # With SIE, each test image gets its camera's embedding, as in CLIP-ReID's test pass.
+    cameras = clip.spec.camera_indices(
+        test.drop_duplicates("image").set_index("image").loc[images, "camera"].tolist())
     feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
                            batch_size=params.batch_size, workers=params.workers, flip=params.flip,
-                           device=device, dtype=dtype, shard=True)
+                           device=device, dtype=dtype, shard=True, cameras=cameras)
     if feats is None:
         return None
     feats = feats.numpy()

@@ -31,6 +31,7 @@ from clipid.deploy.preprocessing import image_transform, model_card
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import file_sha256, save_checkpoint
 from clipid.models.factory import ClipModel
+from clipid.models.visual import image_embedding
 
 try:  # mlflow is a dependency, but importing it costs seconds: only the pyfunc needs it
     from mlflow.pyfunc import PythonModel
@@ -56,7 +57,7 @@ def weights_file(clip: ClipModel, folder: Path) -> Path:
                                                           sort_keys=True, default=str) + "\n")
         return target
     return save_checkpoint(clip.model.state_dict(), target,
-                           {"architecture": clip.architecture, "weights": clip.weights})
+                           {**clip.sidecar(), "weights": clip.weights})
 
 
 def _image(value: Any) -> Image.Image:
@@ -115,7 +116,7 @@ class ClipidEmbedder(PythonModel):
         chunks = []
         for start in range(0, len(values), BATCH):
             batch = torch.stack([self.transform(_image(v)) for v in values[start:start + BATCH]])
-            chunks.append(F.normalize(model.encode_image(batch).float(), dim=-1).numpy())
+            chunks.append(F.normalize(image_embedding(model, batch).float(), dim=-1).numpy())
         return np.concatenate(chunks)
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ from torch import nn
 
 from clipid.errors import ClipidError
 
-__all__ = ["EMBEDDINGS", "ImageParts", "add_camera_embedding", "embedding_dim",
+__all__ = ["EMBEDDINGS", "ImageParts", "add_camera_embedding", "embedding_dim", "embedding_kind",
            "encode_image_parts", "image_embedding", "set_embedding"]
 
 EMBEDDINGS = ("proj", "concat")
@@ -42,7 +42,8 @@ class ImageParts:
 def encode_image_parts(model: nn.Module, images: torch.Tensor,
                        cameras: torch.Tensor | None = None) -> ImageParts:
     """One forward pass of ``model.visual`` giving :class:`ImageParts`; ``cameras`` (``(N,)``
-    indices into the training cameras) adds the SIE offset when the model has one."""
+    rows of the SIE embedding, -1 for none; ``ModelSpec.camera_indices``) adds the SIE offset
+    when the model has one."""
     visual = model.visual
     if isinstance(visual, ModifiedResNet):
         return _resnet_parts(visual, images)
@@ -53,7 +54,9 @@ def _camera_offset(visual: nn.Module, cameras: torch.Tensor | None) -> torch.Ten
     embed = getattr(visual, SIE_PARAM, None)
     if embed is None or cameras is None:
         return None
-    return visual.sie_coe * embed[cameras.to(embed.device)]
+    cameras = cameras.to(embed.device)
+    known = (cameras >= 0).to(embed.dtype)[:, None]   # -1: a camera SIE has no row for
+    return visual.sie_coe * embed[cameras.clamp(min=0)] * known
 
 
 def _vit_parts(visual: nn.Module, images: torch.Tensor,
@@ -95,11 +98,16 @@ def set_embedding(model: nn.Module, embedding: str) -> None:
     setattr(model, _EMBEDDING_ATTR, embedding)
 
 
+def embedding_kind(model: nn.Module) -> str:
+    """``proj`` or ``concat``: what :func:`image_embedding` returns for ``model``."""
+    return getattr(model, _EMBEDDING_ATTR, "proj")
+
+
 def image_embedding(model: nn.Module, images: torch.Tensor,
                     cameras: torch.Tensor | None = None) -> torch.Tensor:
     """The image feature every consumer embeds with (not normalised): ``proj`` is the CLIP
     embedding, ``concat`` CLIP-ReID's test feature ``cat(cls, proj)``."""
-    embedding = getattr(model, _EMBEDDING_ATTR, "proj")
+    embedding = embedding_kind(model)
     if embedding == "proj" and _camera_offset(model.visual, cameras) is None:
         return model.encode_image(images)   # the very computation of open_clip
     parts = encode_image_parts(model, images, cameras)
@@ -112,7 +120,7 @@ def embedding_dim(model: nn.Module) -> int:
     """Width of :func:`image_embedding`'s output for ``model``."""
     visual = model.visual
     proj_dim = int(visual.output_dim)
-    if getattr(model, _EMBEDDING_ATTR, "proj") == "proj":
+    if embedding_kind(model) == "proj":
         return proj_dim
     if isinstance(visual, ModifiedResNet):
         return int(visual.attnpool.k_proj.in_features) + proj_dim

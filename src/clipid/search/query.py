@@ -18,6 +18,7 @@ from clipid.data.images import ImageRejected, load_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
 from clipid.models.stages import model_for_stage
+from clipid.models.visual import image_embedding
 from clipid.search.gallery import GalleryIndex, Hit, model_fingerprint
 from clipid.workspace import Workspace
 
@@ -63,9 +64,9 @@ def embed_pil(clip: ClipModel, image: Image.Image, flip: bool = False,
     """The ``(1, D)`` unit embedding of a decoded RGB image."""
     batch = clip.preprocess_val(image).unsqueeze(0).to(device)
     clip.model.eval()
-    feats = clip.model.encode_image(batch).float()
+    feats = image_embedding(clip.model, batch).float()
     if flip:  # the gallery was embedded with its mirror images averaged in: do the same
-        feats = feats + clip.model.encode_image(torch.flip(batch, dims=[3])).float()
+        feats = feats + image_embedding(clip.model, torch.flip(batch, dims=[3])).float()
     return F.normalize(feats, dim=-1).cpu().numpy()
 
 

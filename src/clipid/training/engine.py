@@ -304,7 +304,7 @@ class Trainer:
 
         # The trained weights, heads and centres, on every rank (tests compare them).
         self.objective, self.model = objective, objective.model
-        meta = {"architecture": clip.architecture, "stage": self.stage, "parent": parent,
+        meta = {**clip.sidecar(), "stage": self.stage, "parent": parent,
                 "parent_sha256": parent_digest if parent_digest != parent else None,
                 "identities": len(data.identities), "epochs": epochs,
                 "history": state.history, **metadata}
