@@ -24,6 +24,7 @@ from clipid.metrics import (
     text_to_image,
 )
 from clipid.models.factory import ClipModel
+from clipid.models.visual import text_space
 from clipid.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ def _score_draw(q: pd.DataFrame, g: pd.DataFrame, qf: np.ndarray, gf: np.ndarray
                               "queries": len(q), "gallery": len(g)}
     if caption_feats:
         tf = np.stack([caption_feats[p] for p in q["image"]])
-        result["t2i"] = text_to_image(tf @ gf.T, q_ids, g_ids, ks=REPORTED_RANKS)
+        # Texts meet a concat embedding's projected part (CLIP's own space).
+        gt = text_space(gf, tf.shape[1])
+        result["t2i"] = text_to_image(tf @ gt.T, q_ids, g_ids, ks=REPORTED_RANKS)
     return result, cmc[: params.max_rank], dist
 
 

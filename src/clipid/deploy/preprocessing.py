@@ -25,6 +25,7 @@ def model_card(model: torch.nn.Module, architecture: str, stage: str,
                   for key, value in cfg.items()}
     card: dict[str, Any] = {"architecture": architecture, "stage": stage,
                             "embed_dim": embedding_dim(model), "embedding": embedding_kind(model),
+                            "proj_dim": int(model.visual.output_dim),
                             "preprocess": preprocess}
     if has_text:
         card["tokenizer"] = {"kind": "open_clip", "architecture": architecture,

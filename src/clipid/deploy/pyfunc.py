@@ -107,7 +107,10 @@ class ClipidEmbedder(PythonModel):
         if image_rows:
             out[image_rows] = self.embed_images([images[i] for i in image_rows])
         if text_rows:
-            out[text_rows] = self.embed_texts([str(texts[i]) for i in text_rows])
+            embedded = self.embed_texts([str(texts[i]) for i in text_rows])
+            # A concat model's texts fill the projected part's place (the zeros before it
+            # never score): texts meet images in CLIP's own space.
+            out[text_rows, out.shape[1] - embedded.shape[1]:] = embedded
         return out
 
     @torch.inference_mode()

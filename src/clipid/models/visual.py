@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from clipid.errors import ClipidError
 
 __all__ = ["EMBEDDINGS", "ImageParts", "add_camera_embedding", "embedding_dim", "embedding_kind",
-           "encode_image_parts", "image_embedding", "set_embedding"]
+           "encode_image_parts", "image_embedding", "set_embedding", "text_space"]
 
 EMBEDDINGS = ("proj", "concat")
 _EMBEDDING_ATTR = "clipid_embedding"   # set on the CLIP module; absent means "proj"
@@ -114,6 +115,17 @@ def image_embedding(model: nn.Module, images: torch.Tensor,
     if embedding == "proj":
         return parts.proj
     return torch.cat([parts.cls, parts.proj], dim=1)
+
+
+def text_space(features: np.ndarray, text_dim: int) -> np.ndarray:
+    """Unit image embeddings as text queries see them: a ``concat`` embedding's projected part
+    (its last ``text_dim`` values) renormalised, which is exactly the unit ``proj`` embedding;
+    ``proj`` embeddings as they are."""
+    if features.shape[1] == text_dim:
+        return features
+    tail = features[:, -text_dim:]
+    norms = np.linalg.norm(tail, axis=1, keepdims=True)
+    return (tail / np.maximum(norms, 1e-12)).astype(features.dtype)
 
 
 def embedding_dim(model: nn.Module) -> int:

@@ -114,28 +114,32 @@ def decode_transform(clip: ClipModel) -> Callable:
 
 
 class TrainDataset(Dataset):
-    """Training images with their identity label and the index of their caption."""
+    """Training images with their identity label, the index of their caption and their SIE
+    camera row (-1: no camera embedding)."""
 
     def __init__(self, paths: list[Path], labels: list[int], caption_index: list[int],
-                 transform: Callable):
+                 transform: Callable, cameras: list[int] | None = None):
         self.paths, self.labels, self.caption_index = paths, labels, caption_index
         self.transform = transform
+        self.cameras = cameras or [-1] * len(labels)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
         i, seed = item  # from EpochSeededSampler: the augmentation's own seed
         with Image.open(self.paths[i]) as im:
             image = seeded(seed, self.transform, im.convert("RGB"))
-        return image, self.labels[i], self.caption_index[i]
+        return image, self.labels[i], self.caption_index[i], self.cameras[i]
 
 
 class CachedTrainDataset(Dataset):
     """Training images from the uint8 image cache (``train.image_cache``), memory-mapped."""
 
-    def __init__(self, path: Path, labels: list[int], caption_index: list[int]):
+    def __init__(self, path: Path, labels: list[int], caption_index: list[int],
+                 cameras: list[int] | None = None):
         self.path, self.labels, self.caption_index = path, labels, caption_index
+        self.cameras = cameras or [-1] * len(labels)
         self._array: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -144,8 +148,9 @@ class CachedTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
         i, _ = item
         if self._array is None:
             self._array = open_image_cache(self.path)
-        return torch.from_numpy(np.array(self._array[i])), self.labels[i], self.caption_index[i]
+        return (torch.from_numpy(np.array(self._array[i])), self.labels[i],
+                self.caption_index[i], self.cameras[i])

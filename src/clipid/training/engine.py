@@ -131,20 +131,29 @@ class Trainer:
                               [str(i) for i in data.identities])
         return resolve(hook)(context)
 
-    def _initial_model(self) -> ClipModel:
-        return model_for_stage(self.params, self.spec.init, self.device, self.workspace)
+    def _initial_model(self, data: StageData) -> ClipModel:
+        clip = model_for_stage(self.params, self.spec.init, self.device, self.workspace)
+        if self.params.model.sie and not clip.spec.sie_cameras:
+            # SIE: one embedding per camera of the training set, drawn from the seed.
+            generator = torch.Generator(device=clip.model.visual.class_embedding.device)
+            clip.add_cameras(data.rows["camera"].tolist(),
+                             generator.manual_seed(self.params.train.seed))
+        return clip
 
     def _dataset(self, clip: ClipModel, data: StageData, batch_augmented: bool) -> Dataset:
         index = {c: i for i, c in enumerate(data.unique_captions)}
         captions_of = [index[c] for c in data.captions]
+        rows = clip.spec.camera_indices(data.rows["camera"].tolist())
+        cameras = rows.tolist() if rows is not None else None
         if batch_augmented and self.params.train.image_cache:
             return CachedTrainDataset(self._image_cache(clip, data.rows), data.labels,
-                                      captions_of)
+                                      captions_of, cameras)
         if self.params.train.image_cache:
             log.warning("train.image_cache needs train.augment_device: batch; ignored")
         transform = decode_transform(clip) if batch_augmented \
             else build_train_transform(clip, self.params)
-        return TrainDataset(self.data.paths(data.rows), data.labels, captions_of, transform)
+        return TrainDataset(self.data.paths(data.rows), data.labels, captions_of, transform,
+                            cameras)
 
     def _image_cache(self, clip: ClipModel, rows: Any) -> Path:
         """The training images decoded once at the model's size (rank 0 builds it)."""
@@ -246,9 +255,10 @@ class Trainer:
         """One batch to its loss terms: device transfer, batch augmentation, forward."""
         device, seed = self.device, self.params.train.seed
         channels_last = self.params.train.channels_last and device.type == "cuda"
+        sie = self.params.model.sie   # the model has a camera embedding: feed it the cameras
 
         def step(batch: Any, epoch: int, batch_no: int) -> dict[str, torch.Tensor]:
-            images, labels, captions = batch
+            images, labels, captions, cameras = batch
             images = images.to(device, non_blocking=True)
             if batch_augment is not None:  # the batch's own seed: resume stays exact
                 images = batch_augment(images, torch.Generator().manual_seed(
@@ -257,7 +267,8 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             # Non-blocking: from the loader's pinned memory the copies overlap the GPU's work.
             return forward(images, labels.to(device, non_blocking=True),
-                           captions.to(device, non_blocking=True))
+                           captions.to(device, non_blocking=True),
+                           cameras.to(device, non_blocking=True) if sie else None)
 
         return step
 
@@ -274,7 +285,7 @@ class Trainer:
         epochs = self.spec.epochs or train.epochs
         data = self._stage_data()
         extra_terms, metadata = self._extra_terms(data)
-        clip = self._initial_model()
+        clip = self._initial_model(data)
         parent = clip.weights
         parent_digest = file_sha256(Path(parent)) if Path(parent).is_file() else parent
         batch_augment = build_batch_augment(clip, self.params)

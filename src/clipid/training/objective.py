@@ -256,13 +256,14 @@ class Towers(nn.Module):
         super().__init__()
         self.model, self.parts = model, parts
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None,
+                cameras: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImageParts | None]:
         text = self.model.encode_text(tokens) if tokens is not None else None
         # Capped as in CLIP: a temperature below 1/100 makes training unstable.
         scale = self.model.logit_scale.exp().clamp(max=100)
-        if self.parts:
-            parts = encode_image_parts(self.model, images)
+        if self.parts or cameras is not None:  # SIE: the camera offset is in the parts' pass
+            parts = encode_image_parts(self.model, images, cameras)
             return parts.proj, text, scale, parts
         return self.model.encode_image(images), text, scale, None
 
@@ -285,12 +286,12 @@ class Objective(nn.Module):
     def model(self) -> nn.Module:
         return self.towers.model
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor,
+                cameras: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tokens = self.tokens[captions.to(self.tokens.device)] if self.tokens is not None \
             else None
         with autocast(images.device, self.dtype):
-            feats, text, scale, parts = self.towers(images, tokens)
+            feats, text, scale, parts = self.towers(images, tokens, cameras)
         # The losses run in fp32: softmax over scaled similarities overflows in fp16.
         if parts is not None:
             parts = ImageParts(parts.last_block_cls.float(), parts.cls.float(),
