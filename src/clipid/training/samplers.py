@@ -38,6 +38,22 @@ def _check_shard(name: str, rank: int, world_size: int) -> None:
         raise ValueError(f"{name}: rank {rank} is not in [0, world_size={world_size})")
 
 
+def _identity_groups(name: str, labels: Sequence[int], p: int, k: int, rank: int,
+                     world_size: int) -> dict[int, list[int]]:
+    """Each identity's indices, in order of first appearance, once the PK shape is checked."""
+    if p < 1 or k < 1:
+        raise ValueError(f"{name}: p ({p}) and k ({k}) must be at least 1")
+    _check_shard(name, rank, world_size)
+    by_identity: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_identity.setdefault(int(label), []).append(index)
+    if len(by_identity) < p * world_size:
+        raise SamplerError(f"{name}: {len(by_identity)} identities cannot fill a batch "
+                           f"of p={p} identities on {world_size} process(es); lower "
+                           "train.batch_size or raise train.pk_k")
+    return by_identity
+
+
 class ShardedRandomSampler(Sampler[int]):
     """A fresh permutation each epoch; process ``rank`` takes every ``world_size``-th index,
     padded by wrapping around so that every process has the same number of steps."""
@@ -75,18 +91,8 @@ class PKSampler(Sampler[int]):
 
     def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
-        if p < 1 or k < 1:
-            raise ValueError(f"PKSampler: p ({p}) and k ({k}) must be at least 1")
-        _check_shard("PKSampler", rank, world_size)
-        self.by_identity: dict[int, list[int]] = {}
-        for index, label in enumerate(labels):
-            self.by_identity.setdefault(int(label), []).append(index)
+        self.by_identity = _identity_groups("PKSampler", labels, p, k, rank, world_size)
         self.identities = sorted(self.by_identity)
-        needed = p * world_size
-        if len(self.identities) < needed:
-            raise SamplerError(f"PKSampler: {len(self.identities)} identities cannot fill a batch "
-                               f"of p={p} identities on {world_size} process(es); lower "
-                               "train.batch_size or raise train.pk_k")
         self.p, self.k, self.seed = p, k, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -136,16 +142,8 @@ class InstancePKSampler(Sampler[int]):
 
     def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
-        if p < 1 or k < 1:
-            raise ValueError(f"InstancePKSampler: p ({p}) and k ({k}) must be at least 1")
-        _check_shard("InstancePKSampler", rank, world_size)
-        self.by_identity: dict[int, list[int]] = {}
-        for index, label in enumerate(labels):
-            self.by_identity.setdefault(int(label), []).append(index)
-        if len(self.by_identity) < p * world_size:
-            raise SamplerError(f"InstancePKSampler: {len(self.by_identity)} identities cannot "
-                               f"fill a batch of p={p} identities on {world_size} process(es); "
-                               "lower train.batch_size or raise train.pk_k")
+        self.by_identity = _identity_groups("InstancePKSampler", labels, p, k, rank,
+                                            world_size)
         self.p, self.k, self.seed = p, k, seed
         self.rank, self.world_size = rank, world_size
         self.set_epoch(0)
