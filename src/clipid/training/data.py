@@ -21,7 +21,6 @@ from clipid.config import Params
 from clipid.data.batch_augment import BatchAugment
 from clipid.data.image_cache import open_image_cache
 from clipid.data.loader import seeded
-from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
 
 __all__ = ["CachedTrainDataset", "PythonSeeded", "TrainDataset", "build_batch_augment",
@@ -85,9 +84,7 @@ def build_batch_augment(clip: ClipModel, params: Params) -> BatchAugment | None:
     """``train.augment_device: batch``: the same augmentation, on the device, per batch."""
     if params.train.augment_device != "batch":
         return None
-    if params.train.augment.policy != "resized_crop":
-        raise ClipidError("train.augment.policy: pad_crop runs in the loader only "
-                          "(train.augment_device: loader)")
+    # pad_crop runs in the loader only (clipid.checks refuses it with batch augmentation).
     cfg, aug = clip.model.visual.preprocess_cfg, params.train.augment
     return BatchAugment(input_size(clip), cfg["mean"], cfg["std"], crop_scale=aug.crop_scale,
                         flip=aug.flip, random_erasing=aug.random_erasing)
