@@ -561,3 +561,39 @@ def test_both_stages_run_the_whole_recipe_and_log_its_learning_rates(tmp_path):
     assert {"heads.cls.classifier.weight", "heads.proj.classifier.weight"} <= set(weights)
     assert {"i2t", "id", "triplet"} <= set(meta["history"][0])
     assert len(meta["history"]) == 2
+
+
+def test_a_killed_recipe_stage_resumes_to_the_same_weights(tmp_path):
+    """Stage 4 with CLIP-ReID's epoch, optimiser, schedule, augmentation and losses: the state
+    after epoch 1 (per-epoch schedule, the epoch's own sampler draws) resumes exactly."""
+    from clipid.models.checkpoint import load_checkpoint
+    from clipid.training.engine import Trainer
+
+    from conftest import Interrupt, kill_in_second_epoch, prepare_data, workspace_over
+
+    params = params_from_dict({
+        "data": {"synthetic": {"items": 12, "views": 4, "image_size": 32}, "cache_size": 16,
+                 "workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "pk_k": 2, "log_every": 1, "workers": 0,
+                  "pk_epoch": "instances", "optimizer": "adam", "bias_lr_factor": 2.0,
+                  "weight_decay_bias": 1e-4, "schedule": "multistep", "milestones": [1],
+                  "warmup_epochs": 1.5, "augment": {"policy": "pad_crop"}},
+        "stage4": {"init": "stage1", "identity_losses": "paper", "center_weight": 0.0},
+    })
+    prepared = prepare_data(params, tmp_path / "data")
+
+    def fit(root, **kwargs):
+        trainer = Trainer(params, "stage4", device=torch.device("cpu"),
+                          workspace=workspace_over(prepared, root), **kwargs)
+        return trainer.fit().checkpoint
+
+    reference, _ = load_checkpoint(fit(tmp_path / "straight"))
+    with pytest.raises(Interrupt):
+        fit(tmp_path / "killed", on_log=kill_in_second_epoch())
+    steps: list[int] = []
+    resumed, _ = load_checkpoint(fit(tmp_path / "killed", on_log=lambda m, s: steps.append(s)))
+    assert min(steps) > 1, "the rerun started from scratch instead of resuming"
+    assert resumed.keys() == reference.keys()
+    assert {"heads.cls.classifier.weight", "heads.proj.classifier.weight"} <= set(resumed)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), f"{key} differs after resume"
