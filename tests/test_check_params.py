@@ -183,3 +183,9 @@ def test_clipreid_geometry_passes(tmp_path, capsys):
     assert run(tmp_path, text, capsys=capsys) == (0, "")
     rn = "model:\n  name: RN50\n  image_size: [256, 128]\n  last_stride: 1\n"
     assert run(tmp_path, rn, capsys=capsys) == (0, "")
+
+
+def test_batch_augmentation_refuses_a_non_square_input(tmp_path, capsys):
+    text = "model:\n  image_size: [256, 128]\ntrain:\n  augment_device: batch\n"
+    code, err = run(tmp_path, text, capsys=capsys)
+    assert_error(code, err, "params.yaml:4:", "'train.augment_device' batch", "[256, 128]")

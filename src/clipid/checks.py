@@ -174,6 +174,10 @@ def _check_geometry(params: Params, where: _Where) -> None:
         if value and len(value) != length:
             raise ConfigError(f"{where(f'model.{key}')}: 'model.{key}' is {value}; give "
                               f"{what} or [] for the architecture's own")
+    size = model.image_size
+    if size and size[0] != size[1] and params.train.augment_device == "batch":
+        raise ConfigError(f"{where('train.augment_device')}: 'train.augment_device' batch "
+                          f"augments square images; 'model.image_size' is {size} (use loader)")
     vision = _vision_config(model.name)
     resnet = isinstance(vision.get("layers"), (list, tuple))
     if resnet:

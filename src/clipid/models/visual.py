@@ -105,10 +105,12 @@ def embedding_kind(model: nn.Module) -> str:
 
 
 def image_embedding(model: nn.Module, images: torch.Tensor,
-                    cameras: torch.Tensor | None = None) -> torch.Tensor:
+                    cameras: torch.Tensor | None = None, kind: str | None = None
+                    ) -> torch.Tensor:
     """The image feature every consumer embeds with (not normalised): ``proj`` is the CLIP
-    embedding, ``concat`` CLIP-ReID's test feature ``cat(cls, proj)``."""
-    embedding = embedding_kind(model)
+    embedding, ``concat`` CLIP-ReID's test feature ``cat(cls, proj)``; the model's own choice
+    unless ``kind`` names one (CLIP-ReID's prompt stage matches texts to ``proj``)."""
+    embedding = kind or embedding_kind(model)
     if embedding == "proj" and _camera_offset(model.visual, cameras) is None:
         return model.encode_image(images)   # the very computation of open_clip
     parts = encode_image_parts(model, images, cameras)

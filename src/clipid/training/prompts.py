@@ -39,7 +39,6 @@ from clipid.features import image_features, text_features
 from clipid.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint, sidecar_path
 from clipid.models.factory import ClipModel
 from clipid.models.stages import model_for_stage
-from clipid.models.visual import set_embedding
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.stage_registry import get_stage
 from clipid.training.loop import EpochLoop, Optimization, TrainingState, epoch_seed, fingerprint
@@ -244,11 +243,10 @@ def _prompt_objective(params: Params, clip: ClipModel, data: PreparedData, rows:
     learner = PromptLearner(clip, len(identities), cfg.n_ctx, cfg.template, cfg.noun,
                             seed=params.train.seed).to(device)
     paper = cfg.losses == "paper"
-    set_embedding(model, "proj")  # the prompts meet the projected feature (not saved: frozen)
     feats = image_features(model, data.paths(rows), clip.preprocess_val,
                            batch_size=params.eval.batch_size, workers=params.eval.workers,
                            device=device, desc="clipreid image features",
-                           normalize=not paper).to(device)
+                           embedding="proj", normalize=not paper).to(device)
     label_of = {item: i for i, item in enumerate(identities)}
     labels = torch.tensor([label_of[str(i)] for i in rows["item_id"]], device=device)
     dtype = resolve_precision(params.train.precision, device, "train.precision")
