@@ -60,6 +60,7 @@ def check_params(params: Params, source: str = "<params>",
     _check_model(params, where)
     _check_geometry(params, where)
     _check_batches(params, where)
+    _check_recipe(params, where)
 
 
 def stage_inits(params: Params) -> dict[str, str]:
@@ -225,3 +226,14 @@ def _check_batches(params: Params, where: _Where) -> None:
                           f" is not a multiple of 'train.pk_k' ({k}), as the PK sampler of "
                           f"{', '.join(pk_stages)} needs (P identities x K images per process)")
 
+
+
+def _check_recipe(params: Params, where: _Where) -> None:
+    """CLIP-ReID's knobs that only fit together one way."""
+    train = params.train
+    if list(train.milestones) != sorted(train.milestones):
+        raise ConfigError(f"{where('train.milestones')}: 'train.milestones' {train.milestones} "
+                          "must be in increasing order")
+    if train.augment.policy == "pad_crop" and train.augment_device == "batch":
+        raise ConfigError(f"{where('train.augment.policy')}: 'train.augment.policy' pad_crop "
+                          "runs in the loader only (train.augment_device: loader)")

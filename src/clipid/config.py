@@ -156,6 +156,8 @@ class AugmentParams:
     flip: bool = True
     crop_scale: float = _spec(0.7, gt=0, le=1)
     random_erasing: float = _spec(0.25, ge=0, le=1)
+    policy: Literal["resized_crop", "pad_crop"] = "resized_crop"
+    padding: int = _spec(10, ge=0)
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,14 @@ class TrainParams:
     augment_device: Literal["loader", "batch"] = "loader"
     image_cache: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
+    pk_epoch: Literal["identities", "instances"] = "identities"
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    bias_lr_factor: float = _spec(1.0, gt=0)
+    weight_decay_bias: float = _spec(0.0, ge=0)
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: list[int] = _spec([30, 50], ge=1)
+    gamma: float = _spec(0.1, gt=0, le=1)
+    warmup_factor: float = _spec(0.1, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -200,6 +210,7 @@ class StageParams:
     epochs: int = _spec(0, ge=0)
     lr_mult: float = _spec(1.0, gt=0)
     text_lr_mult: float = _spec(1.0, gt=0)
+    identity_losses: Literal["clipid", "paper"] = "clipid"
 
     @property
     def contrastive(self) -> bool:
@@ -223,6 +234,10 @@ class ClipReidParams:
     prompt_lr: float = _spec(5e-3, gt=0, le=1)
     prompt_weight_decay: float = _spec(1e-4, ge=0)
     prompt_warmup_epochs: float = _spec(2.0, ge=0)
+    prompt_warmup_lr: float = _spec(0.0, ge=0)
+    prompt_lr_min: float = _spec(0.0, ge=0)
+    prompt_schedule_unit: Literal["step", "epoch"] = "step"
+    losses: Literal["clipid", "paper"] = "clipid"
     epochs: int = _spec(0, ge=0)
     lr_mult: float = _spec(1.0, gt=0)
     i2t_weight: float = _spec(1.0, ge=0)
@@ -237,7 +252,8 @@ class ClipReidParams:
         return StageParams(init=self.init, train_image=True, train_text=False, loss="none",
                            contrastive_weight=0.0, id_weight=self.id_weight,
                            triplet_weight=self.triplet_weight, center_weight=self.center_weight,
-                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult)
+                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult,
+                           identity_losses=self.losses)
 
 
 # The models a gallery can be indexed with: a stage with a model (Stage 1 is the pretrained

@@ -29,13 +29,15 @@ def image_features(model: torch.nn.Module, paths: list[Path], transform: Callabl
                    batch_size: int = 64, workers: int = 0, flip: bool = False,
                    device: str | torch.device = "cpu", desc: str = "image features",
                    dtype: torch.dtype = torch.float32, shard: bool = False,
-                   cameras: torch.Tensor | None = None, embedding: str | None = None
+                   cameras: torch.Tensor | None = None, embedding: str | None = None,
+                   normalize: bool = True
                    ) -> torch.Tensor | None:
     """``(N, D)`` float32 unit vectors of :func:`~clipid.models.visual.image_embedding`; with
     ``flip`` the embedding of the image and of its mirror are averaged before normalising. A half
     ``dtype`` runs the model under autocast (CUDA). ``cameras`` (``(N,)`` SIE rows, aligned with
     ``paths``) feed a model with a camera embedding; ``embedding`` overrides the model's
-    ``proj | concat`` choice.
+    ``proj | concat`` choice. ``normalize=False`` keeps the raw features (CLIP-ReID's prompt
+    stage reads those).
 
     With ``shard`` in a process group of W ranks, rank r embeds batches r, r + W, ... (the very
     batches of a single-process run, so every row has the same bits) and rank 0 gathers them
@@ -59,7 +61,7 @@ def image_features(model: torch.nn.Module, paths: list[Path], transform: Callabl
             if flip:
                 mirrored = torch.flip(images, dims=[3])
                 feats = feats + image_embedding(model, mirrored, batch_cameras, embedding).float()
-        chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+        chunks.append((F.normalize(feats.float(), dim=-1) if normalize else feats.float()).cpu())
     model.train(was_training)
     if world > 1:
         chunks = _gather_batches(chunks, rank, world)

@@ -43,8 +43,13 @@ from clipid.training.data import (
 )
 from clipid.training.loop import EpochLoop, Optimization, TrainingState, fingerprint
 from clipid.training.objective import LossTerm, Objective, TermContext, standard_terms
-from clipid.training.samplers import PKSampler, ShardedRandomSampler
-from clipid.training.schedule import warmup_cosine
+from clipid.training.samplers import InstancePKSampler, PKSampler, ShardedRandomSampler
+from clipid.training.schedule import (
+    EpochSchedule,
+    make_optimizer,
+    multistep_by_epoch,
+    warmup_cosine,
+)
 from clipid.training.towers import set_trainable
 from clipid.workspace import Workspace
 
@@ -174,8 +179,9 @@ class Trainer:
             if local_batch % train.pk_k:
                 raise ClipidError(f"train.batch_size per process ({local_batch}) must be a "
                                   f"multiple of train.pk_k ({train.pk_k})")
-            sampler: Any = PKSampler(labels, p=local_batch // train.pk_k, k=train.pk_k,
-                                     seed=train.seed, rank=self.rank, world_size=self.world_size)
+            pk = InstancePKSampler if train.pk_epoch == "instances" else PKSampler
+            sampler: Any = pk(labels, p=local_batch // train.pk_k, k=train.pk_k,
+                              seed=train.seed, rank=self.rank, world_size=self.world_size)
         else:
             sampler = ShardedRandomSampler(count, seed=train.seed, rank=self.rank,
                                            world_size=self.world_size)
@@ -203,7 +209,8 @@ class Trainer:
         # Seeded: torch's global generator starts from a random seed in every process, and a
         # stage that loads a checkpoint has not seeded it (create_model does for pretrained).
         torch.manual_seed(train.seed)
-        terms = standard_terms(spec, train, len(data.identities), dim, cached_text) + extra
+        terms = standard_terms(spec, train, len(data.identities), dim, cached_text,
+                               model) + extra
         if not any(term.weight > 0 for term in terms):
             raise ClipidError(f"{self.stage}: no loss term (loss is none and id_weight, "
                               "triplet_weight are 0)")
@@ -214,11 +221,15 @@ class Trainer:
                       ) -> Optimization:
         train = self.params.train
         lr = train.lr * self.spec.lr_mult
-        optimizer = torch.optim.AdamW(objective.param_groups(train), lr=lr, betas=(0.9, 0.999),
-                                      eps=1e-8)
+        optimizer = make_optimizer(objective.param_groups(train), train.optimizer, lr)
         own = objective.own_optimizers(train)
-        scheduler = warmup_cosine(optimizer, round(train.warmup_epochs * steps_per_epoch),
-                                  epochs * steps_per_epoch)
+        scheduler: Any
+        if train.schedule == "multistep":  # milestones in order: clipid.checks
+            scheduler = EpochSchedule(optimizer, multistep_by_epoch(
+                train.milestones, train.gamma, train.warmup_factor, train.warmup_epochs))
+        else:
+            scheduler = warmup_cosine(optimizer, round(train.warmup_epochs * steps_per_epoch),
+                                      epochs * steps_per_epoch)
         return Optimization(optimizer, scheduler, grad_scaler(objective.dtype, self.device),
                             train.grad_clip, own)
 
