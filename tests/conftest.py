@@ -214,6 +214,7 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer
 
     if why := why_no_postgres():
         pytest.skip(f"the team server needs PostgreSQL and psycopg: {why}")
-    artifacts = tmp_path_factory.mktemp("team-server") / "artifacts"
-    with postgres() as database, tracking_server(database, artifacts) as url:
+    workdir = tmp_path_factory.mktemp("team-server")
+    artifacts = workdir / "artifacts"
+    with postgres() as database, tracking_server(database, str(artifacts), workdir) as url:
         yield TeamServer(url, database, artifacts)

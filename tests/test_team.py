@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from _servers import S3_KEY, S3_SECRET, seaweedfs, server_env, why_no_s3
+from _servers import (
+    S3_KEY,
+    S3_SECRET,
+    s3_client,
+    seaweedfs,
+    server_env,
+    tracking_server,
+    why_no_s3,
+)
 from test_pipeline import STAGES, sh, write_micro_pipeline
 
 from conftest import TeamServer
@@ -175,6 +183,31 @@ def test_an_s3_remote_on_seaweedfs_gives_a_fresh_clone_every_output(
     assert (fresh / "models" / "stage4" / "model.safetensors").read_bytes() == (
         first / "models" / "stage4" / "model.safetensors").read_bytes()
     _only_the_fingerprint_reruns(fresh)
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_the_server_keeps_proxied_artifacts_on_s3(tmp_path: Path) -> None:
+    if why := why_no_s3():
+        pytest.skip(f"the S3 artifact test needs SeaweedFS and boto3: {why}")
+    # The server alone holds the bucket's endpoint and keys; the client only talks HTTP to it.
+    s3_env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    with seaweedfs(_folder(tmp_path / "s3"), "mlflow") as endpoint, tracking_server(
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://mlflow/artifacts", tmp_path,
+            {**s3_env, "MLFLOW_S3_ENDPOINT_URL": endpoint}) as url:
+        client = _client(url)
+        run = client.create_run(client.create_experiment("team"))
+        client.log_text(run.info.run_id, "proxied", "notes/hello.txt")
+        local = client.download_artifacts(run.info.run_id, "notes/hello.txt", str(tmp_path))
+        assert Path(local).read_text() == "proxied"
+        keys = [o["Key"] for o in s3_client(endpoint).list_objects_v2(
+            Bucket="mlflow", Prefix="artifacts/")["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # The install and the command line: no server needed.
