@@ -4,8 +4,8 @@ One ``mlflow server`` on a database (PostgreSQL for a team) with proxied artifac
 artifacts over HTTP to the server, which writes them to the artifact destination (a folder or
 ``s3://...``), so only the server needs the bucket's credentials. Sized for a team, not a web
 farm: one uvicorn worker by default, and MLflow's GenAI job runner off (MLflow 3.17 otherwise
-starts 4 workers and 10 job processes next to the server: 15 processes, 2.4-3.2 GiB; this
-configuration runs 2 processes, about 0.5 GiB; BENCHMARKS.md, ``bench/server.py``).
+starts 4 workers and 10 job processes next to the server: 15 processes, about 2.5 GiB of RSS;
+this configuration runs 2 processes, 0.5 GiB; BENCHMARKS.md, ``bench/server.py``).
 """
 
 from __future__ import annotations
