@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # choice is kept in the venv, so a later `make test` keeps it; `make env EXTRAS=` drops it.
 EXTRAS ?= $(shell cat $(VENV)/.extras 2>/dev/null)
 EXTRA_LOCKS := $(foreach extra,$(EXTRAS),requirements-$(extra).lock)
+$(foreach lock,$(EXTRA_LOCKS),$(if $(wildcard $(lock)),,$(error EXTRAS: no $(lock) (extras: team))))
 # The environment is keyed on the pinned requirements, the extras and the package metadata: a
 # second call installs nothing, a changed lock or extra reinstalls.
 ENV_HASH := $(shell (cat requirements.lock pyproject.toml $(EXTRA_LOCKS); echo "$(EXTRAS)") \
