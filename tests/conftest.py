@@ -204,6 +204,7 @@ class TeamServer:
     url: str  # MLFLOW_TRACKING_URI of `clipid server`
     database: str  # its backend store: postgresql://... of a throwaway cluster
     artifacts: Path  # its --artifacts-destination
+    log: Path  # its output (uvicorn's access log: one line per request, with the status)
 
 
 @pytest.fixture(scope="session")
@@ -217,4 +218,4 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer
     workdir = tmp_path_factory.mktemp("team-server")
     artifacts = workdir / "artifacts"
     with postgres() as database, tracking_server(database, str(artifacts), workdir) as url:
-        yield TeamServer(url, database, artifacts)
+        yield TeamServer(url, database, artifacts, workdir / "mlflow-server.log")

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,45 @@ def test_the_champion_loads_from_the_team_server(team_server: TeamServer,
         {"image": [base64.b64encode(image.read_bytes()).decode()]})))
     assert vectors.shape[0] == 1 and vectors.shape[1] > 0
     assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def _wait_for_the_queue(repo: Path) -> str:
+    """``dvc queue status`` once no experiment is queued or running."""
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        status = sh(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(2)  # polling DVC's queue, not timing anything
+    pytest.fail(f"the queue did not finish within 30 min:\n{status}")
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
+                                                 team_repo: tuple[Path, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, first = team_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.url)  # the queue's workers inherit it
+    for lr in ("2e-3", "3e-3"):
+        sh(first, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "train_stage2")
+    sh(first, "dvc", "queue", "start", "-j", "2")
+    try:
+        status = _wait_for_the_queue(first)
+    finally:
+        sh(first, "dvc", "queue", "stop")  # DVC's own workers, by DVC
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    client = _client(team_server.url)
+    experiment = client.get_experiment_by_name("clipid")
+    runs = client.search_runs([experiment.experiment_id],
+                              "tags.`clipid.stage` = 'train_stage2'")
+    queued = {r.data.params["train.lr"]: r.data.tags.get("dvc.exp_name") for r in runs
+              if r.data.params["train.lr"] in ("0.002", "0.003")}
+    assert len(queued) == 2 and all(queued.values()) and len(set(queued.values())) == 2, queued
+    assert not list((first / ".clipid" / "spool").glob("*.json")), "a run was spooled"
+    log = team_server.log.read_text().splitlines()
+    errors = [line for line in log if re.search(r'HTTP/[\d.]+" 5\d\d', line)]
+    assert not errors, "\n".join(errors)
 
 
 def _run(cwd: Path, env: dict[str, str], *cmd: str) -> str:
