@@ -11,6 +11,8 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +209,27 @@ def kill_in_second_epoch():
             raise Interrupt
 
     return on_log
+
+
+# The team's servers (tests/_servers.py; README: Team setup), for the tests marked `team`.
+
+@dataclass(frozen=True)
+class TeamServer:
+    url: str  # MLFLOW_TRACKING_URI of `clipid server`
+    database: str  # its backend store: postgresql://... of a throwaway cluster
+    artifacts: Path  # its --artifacts-destination
+    log: Path  # its output (uvicorn's access log: one line per request, with the status)
+
+
+@pytest.fixture(scope="session")
+def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer]:
+    """PostgreSQL in a throwaway cluster and `clipid server` on it, started once per test run;
+    skips, saying why, where PostgreSQL or the team extra is missing."""
+    from _servers import postgres, tracking_server, why_no_postgres
+
+    if why := why_no_postgres():
+        pytest.skip(f"the team server needs PostgreSQL and psycopg: {why}")
+    workdir = tmp_path_factory.mktemp("team-server")
+    artifacts = workdir / "artifacts"
+    with postgres() as database, tracking_server(database, str(artifacts), workdir) as url:
+        yield TeamServer(url, database, artifacts, workdir / "mlflow-server.log")
