@@ -25,7 +25,7 @@ from clipid.stage_registry import (
     trained_stages,
 )
 
-__all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params",
+__all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params", "input_size",
            "load_checked_params", "looks_like_weight_file", "stage_inits"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -109,19 +109,33 @@ def looks_like_weight_file(pretrained: str) -> bool:
     return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
 
 
-def architectures() -> list[str]:
-    """The names ``open_clip.list_models()`` gives once clipid's configs are registered, read
-    from the same JSON files without importing open_clip (and torch): checking params stays
-    instant. ``tests/test_check_params.py`` holds the two lists equal."""
+def _architecture_configs() -> dict[str, dict]:
+    """Architecture name -> its JSON config, for open_clip's and clipid's own configs."""
     spec = importlib.util.find_spec("open_clip")
     folders = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
-    names = set()
+    configs = {}
     for config in (path for folder in [*folders, CLIPID_MODEL_CONFIGS]
                    for path in folder.glob("*.json")):
         cfg = json.loads(config.read_text(encoding="utf-8"))
         if all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):  # as open_clip
-            names.add(config.stem)
-    return sorted(names)
+            configs[config.stem] = cfg
+    return configs
+
+
+def architectures() -> list[str]:
+    """The names ``open_clip.list_models()`` gives once clipid's configs are registered, read
+    from the same JSON files without importing open_clip (and torch): checking params stays
+    instant. ``tests/test_check_params.py`` holds the two lists equal."""
+    return sorted(_architecture_configs())
+
+
+def input_size(name: str) -> int | None:
+    """The image side an architecture reads (``vision_cfg.image_size``), from its JSON config;
+    None where clipid has no config to read (an ``hf-hub:`` model)."""
+    size = _architecture_configs().get(name, {}).get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def _check_model(params: Params, where: _Where) -> None:

@@ -8,7 +8,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageRejected", "decode_rgb", "load_rgb", "resize_shorter_side", "cache_image"]
+__all__ = ["ImageRejected", "escapes", "decode_rgb", "load_rgb", "resize_shorter_side",
+           "cache_image"]
 
 # A decompression bomb is a rejected file like any other, not a crash of the whole stage.
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
@@ -35,19 +36,27 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int]) -> Image.I
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
+def escapes(path: Path, root: Path) -> bool:
+    """Whether ``path`` names a file outside ``root``, judged on the name alone: an absolute name
+    or a ``..`` component. Symbolic links are not resolved: a folder inside the root that links
+    to another disk (``Hands -> /big/disk/Hands``) is the user's own choice and stays inside."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return True
+    return ".." in rel.parts
+
+
 def load_rgb(path: Path, root: Path | None = None,
              background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image with its EXIF orientation applied.
 
-    Raises :class:`ImageRejected` for a path outside ``root``, a missing or zero-byte file, a file
-    that is not an image or is truncated. CMYK, 16-bit, palette and transparent images are
-    converted (transparency over ``background``).
+    Raises :class:`ImageRejected` for a path outside ``root`` (see :func:`escapes`), a missing or
+    zero-byte file, a file that is not an image or is truncated. CMYK, 16-bit, palette and
+    transparent images are converted (transparency over ``background``).
     """
-    if root is not None:
-        try:
-            path.resolve().relative_to(root.resolve())
-        except ValueError:
-            raise ImageRejected("path escapes the data root") from None
+    if root is not None and escapes(path, root):
+        raise ImageRejected("path escapes the data root")
     if not path.is_file():
         raise ImageRejected("missing file")
     if path.stat().st_size == 0:
