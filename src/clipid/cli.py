@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from clipid import __version__
 from clipid.checks import load_checked_params
 from clipid.config import load_params
 from clipid.errors import ClipidError
@@ -114,18 +115,23 @@ def _export(args: argparse.Namespace) -> None:
 
 def _lineage(args: argparse.Namespace) -> None:
     from clipid import tracking_spool
-    from clipid.lineage import lineage_lines, resolve_checkpoint
-    from clipid.models.checkpoint import file_sha256
+    from clipid.files import file_sha256
+    from clipid.lineage import lineage_lines, pretrained_lines, resolve_checkpoint
+    from clipid.stage_registry import FORMER_PRETRAINED_NAMES, PRETRAINED
     from clipid.tracking import mlflow_client, store_root, tracking_uri
 
-    path = resolve_checkpoint(args.target)
     uri = tracking_uri()
-    spooled = [e.record for e in tracking_spool.pending(store_root())]
-    lines, found = lineage_lines(mlflow_client(uri), file_sha256(path), str(path), spooled)
+    if args.target in (PRETRAINED, *FORMER_PRETRAINED_NAMES):
+        path = PRETRAINED
+        lines, found = pretrained_lines(mlflow_client(uri), load_params(args.params))
+    else:
+        path = resolve_checkpoint(args.target)
+        spooled = [e.record for e in tracking_spool.pending(store_root())]
+        lines, found = lineage_lines(mlflow_client(uri), file_sha256(path), str(path), spooled)
     print(f"store {uri}")
     print("\n".join(lines))
     if not found:
-        raise ClipidError(f"{path}: no MLflow run in {uri} wrote these weights")
+        raise ClipidError(f"{path}: no MLflow run in {uri} made or evaluated these weights")
 
 
 def _tracking(args: argparse.Namespace) -> None:
@@ -151,6 +157,9 @@ def _serve(args: argparse.Namespace) -> None:
 def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")  # main has checked the file, as before every command
 
+
+DESCRIPTION = ("The commands the DVC stages of clipid run, and the tools around them (search, "
+               "serve, lineage, tracking). Each reads params.yaml, or the file --params names.")
 
 COMMANDS = {
     "fingerprint": (_fingerprint, "list what prepare reads under data.root into "
@@ -192,7 +201,8 @@ def _search_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipid", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipid", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"clipid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -219,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("target", help="models/stage2/model.safetensors, models/stage2 or "
                              "stage2")
         if name == "tracking":
-            cmd.add_argument("action", choices=("status", "sync"))
+            cmd.add_argument("action", choices=("status", "sync"),
+                             help="status: list the runs spooled while the store was down "
+                             "(when, stage, what, which store); sync: replay them into the store "
+                             "(MLFLOW_TRACKING_URI or ./mlflow.db)")
         if name == "serve":
             cmd.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
             cmd.add_argument("--port", type=int, help="port (default: serve.port)")
