@@ -33,3 +33,27 @@ def test_tracking_actions_are_described(capsys: pytest.CaptureFixture) -> None:
         cli.main(["tracking", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "status: list the runs spooled" in text and "sync: replay them" in text
+
+
+def test_stage_output_leaves_out_library_chatter(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = f"""
+import logging
+from clipid.cli import configure_logging
+configure_logging()
+import clipid.models, open_clip
+from clipid.tracking import mlflow_client
+logging.getLogger("clipid.stages.x").info("a line for the user")
+open_clip.create_model("clipid-vit-tiny")
+mlflow_client("sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+logging.getLogger("mlflow.store.model_registry.abstract_store").info("Waiting up to 300 seconds")
+logging.getLogger("clipid.stages.x").warning("a warning")
+"""
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert "a line for the user" in err and "a warning" in err
+    for chatter in ("Parsing model identifier", "Creating initial MLflow database tables",
+                    "Waiting up to 300 seconds", "Updating database tables"):
+        assert chatter not in err

@@ -29,6 +29,7 @@ __all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params", "in
            "load_checked_params", "looks_like_weight_file", "stage_inits"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+HF_HUB = "hf-hub:"  # open_clip's prefix of models and weights on the Hugging Face Hub
 # clipid's own architectures (clipid.models registers this folder with open_clip).
 CLIPID_MODEL_CONFIGS = Path(__file__).parent / "models" / "model_configs"
 
@@ -105,7 +106,10 @@ def _check_search_models(params: Params, where: _Where) -> None:
 
 
 def looks_like_weight_file(pretrained: str) -> bool:
-    """A path (suffix, separator or an existing file), not an open_clip tag like ``openai``."""
+    """A path (suffix, separator or an existing file), not an open_clip tag like ``openai`` nor
+    weights on the Hugging Face Hub (``hf-hub:org/name``)."""
+    if pretrained.startswith(HF_HUB):
+        return False
     return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
 
 
@@ -140,14 +144,20 @@ def input_size(name: str) -> int | None:
 
 def _check_model(params: Params, where: _Where) -> None:
     name, pretrained = params.model.name, params.model.pretrained
+    if name.startswith(HF_HUB):  # checked when the model is built: nothing is downloaded here
+        if pretrained:
+            raise ConfigError(f"{where('model.pretrained')}: 'model.pretrained' is "
+                              f"'{pretrained}', but model.name '{name}' brings its own weights "
+                              "from the hub: leave model.pretrained empty")
+        return
     known = architectures()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        close = closest_names(name, known)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
             "; see open_clip.list_models() and src/clipid/models/model_configs/"
         raise ConfigError(f"{where('model.name')}: 'model.name' is '{name}', which is neither an "
-                          f"open_clip nor a clipid architecture{hint}")
-    if not pretrained:
+                          f"open_clip nor a clipid architecture (nor hf-hub:org/name){hint}")
+    if not pretrained or pretrained.startswith(HF_HUB):
         return
     if looks_like_weight_file(pretrained):
         path = Path(pretrained).expanduser()
@@ -163,6 +173,15 @@ def _check_model(params: Params, where: _Where) -> None:
         raise ConfigError(f"{where('model.pretrained')}: 'model.pretrained' is '{pretrained}', "
                           f"neither a pretrained tag of {name} (tags: {', '.join(tags) or 'none'})"
                           " nor a weight file (.safetensors, .pt, .pth, .bin or a path)")
+
+
+def closest_names(name: str, known: list[str], n: int = 3) -> list[str]:
+    """The known names closest to ``name``, ignoring case (``vit-b-16`` -> ``ViT-B-16``)."""
+    by_lower: dict[str, str] = {}
+    for candidate in known:
+        by_lower.setdefault(candidate.lower(), candidate)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)
+    return [by_lower[c] for c in close]
 
 
 def _check_batches(params: Params, where: _Where) -> None:

@@ -240,8 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# INFO lines of libraries that say nothing a user of a stage acts on: open_clip's "Parsing model
+# identifier" (logged on the root logger, several per stage), MLflow's schema set-up ("Creating
+# initial MLflow database tables") and registry wait ("Waiting up to 300 seconds ...").
+QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store",
+                 "alembic.runtime.migration")
+
+
+def _not_library_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+
+
+def configure_logging() -> None:
+    """clipid's INFO lines and every warning; libraries' INFO chatter left out."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_library_info)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         # Every command checks the whole parameter file before it reads any data, except the

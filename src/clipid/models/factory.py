@@ -14,18 +14,14 @@ import open_clip
 import torch
 
 from clipid.checks import WEIGHT_SUFFIXES, looks_like_weight_file
-from clipid.errors import ClipidError
 from clipid.models import get_model_config
 from clipid.models.checkpoint import load_checkpoint
+from clipid.models.hub import HubUnavailable, ModelLoadError, hub_access, hub_repo, is_hub_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ClipModel", "ModelLoadError", "create_model", "load_model", "looks_like_weight_file",
            "WEIGHT_SUFFIXES"]
-
-
-class ModelLoadError(ClipidError):
-    """Weights that cannot be had: unknown tag, missing file, offline machine."""
 
 
 @dataclass
@@ -60,12 +56,25 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
                  device: str | torch.device = "cpu") -> ClipModel:
     """Build ``name`` with weights from ``pretrained``.
 
-    ``pretrained`` is an open_clip tag (``openai``, downloaded and cached by open_clip), a local
-    ``.safetensors``/``.pt`` file (read with ``weights_only``: no pickled code runs), or empty for a
-    seeded random initialisation (logged as a warning).
+    ``pretrained`` is an open_clip tag (``openai``, downloaded and cached by open_clip), weights
+    on the Hugging Face Hub (``hf-hub:org/name``), a local ``.safetensors``/``.pt`` file (read with
+    ``weights_only``: no pickled code runs), or empty for a seeded random initialisation (logged as
+    a warning). An ``hf-hub:org/name`` model name brings its own weights (``pretrained`` empty).
+    Offline, weights that are not cached are one line of error at once (:mod:`clipid.models.hub`).
     """
     get_model_config(name)  # a clear error for an unknown architecture
-    if not pretrained:
+    if is_hub_name(name):  # config and weights both from the hub repo, as open_clip does it
+        with hub_access("model.name", name):
+            model = open_clip.create_model(name, device=device)
+        weights = name
+    elif is_hub_name(pretrained):
+        with hub_access("model.pretrained", name, pretrained):
+            from open_clip.pretrained import download_pretrained_from_hf
+
+            path = download_pretrained_from_hf(hub_repo(pretrained))
+        model = _load_weight_file(name, Path(path), device)
+        weights = pretrained
+    elif not pretrained:
         log.warning("model.pretrained is empty: %s starts from RANDOM weights (seed %d)",
                     name, seed)
         torch.manual_seed(seed)
@@ -75,12 +84,7 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"model.pretrained: weight file '{path}' not found")
-        try:
-            model = open_clip.create_model(name, pretrained=None, device=device)
-            open_clip.load_checkpoint(model, str(path), weights_only=True, device=str(device))
-        except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as exc:
-            raise ModelLoadError(f"model.pretrained: cannot load '{path}' into {name}: "
-                                 f"{str(exc).splitlines()[0]}") from exc
+        model = _load_weight_file(name, path, device)
         weights = str(path)
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -88,7 +92,10 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
             raise ModelLoadError(f"model.pretrained: '{pretrained}' is not a pretrained tag of "
                                  f"{name} (tags: {', '.join(tags) or 'none'}) nor a weight file")
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, device=device)
+            with hub_access("model.pretrained", name, pretrained):
+                model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        except HubUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
             raise ModelLoadError(
                 f"model.pretrained: could not get the '{pretrained}' weights of {name} (is this "
@@ -102,6 +109,16 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
     return ClipModel(model, train, val, open_clip.get_tokenizer(name), name, weights)
 
 
+def _load_weight_file(name: str, path: Path, device: str | torch.device) -> torch.nn.Module:
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device)
+        open_clip.load_checkpoint(model, str(path), weights_only=True, device=str(device))
+    except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as exc:
+        raise ModelLoadError(f"model.pretrained: cannot load '{path}' into {name}: "
+                             f"{str(exc).splitlines()[0]}") from exc
+    return model
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> ClipModel:
     """A model saved by clipid: the architecture from the sidecar, the weights from safetensors."""
     state, meta = load_checkpoint(checkpoint)
@@ -109,7 +126,10 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Cl
     # open_clip warns "initialized randomly" here; the checkpoint's weights follow at once.
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(name, pretrained=None, device=device)
+        # An hf-hub: architecture: its config from the hub (cache), not its weights.
+        with hub_access("model.name", name):
+            model = open_clip.create_model(name, pretrained=None, device=device,
+                                           load_weights=not is_hub_name(name))
     finally:
         logging.disable(logging.NOTSET)
     clip_state = {k: v for k, v in state.items() if not k.startswith("heads.")}
