@@ -134,6 +134,12 @@ def _lineage(args: argparse.Namespace) -> None:
         raise ClipidError(f"{path}: no MLflow run in {uri} made or evaluated these weights")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from clipid.compare import compare_table, experiment_rows
+
+    print(compare_table(experiment_rows(args.experiments)))
+
+
 def _tracking(args: argparse.Namespace) -> None:
     from clipid.tracking import spool_status, sync_spool, tracking_uri
 
@@ -172,6 +178,8 @@ COMMANDS = {
     "evaluate": (_evaluate, "evaluate a stage's model (stage1: the pretrained one, no "
                  "training) into metrics/<stage>.json"),
     "report": (_report, "compare every stage in metrics/report.md"),
+    "compare": (_compare, "the headline figures (i2i R1 and mAP, t2i mAP) of DVC experiments, "
+                "one line per experiment and stage"),
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
     "register": (_register, "move alias champion of clipid-image/-text to the best stage"),
@@ -228,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "lineage":
             cmd.add_argument("target", help="models/stage2/model.safetensors, models/stage2 or "
                              "stage2")
+        if name == "compare":
+            cmd.add_argument("experiments", nargs="*", metavar="EXP",
+                             help="experiments (names or revisions; default: the workspace, "
+                             "its commit and every experiment that dvc exp show lists)")
         if name == "tracking":
             cmd.add_argument("action", choices=("status", "sync"),
                              help="status: list the runs spooled while the store was down "
