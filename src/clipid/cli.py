@@ -6,12 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipid import __version__
 from clipid.checks import load_checked_params
 from clipid.config import load_params
 from clipid.errors import ClipidError
 from clipid.stage_registry import model_stages, trained_stages
+
+if TYPE_CHECKING:
+    from clipid.search.query import SearchResult
 
 
 def _fingerprint(args: argparse.Namespace) -> None:
@@ -94,11 +98,25 @@ def _search(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return
-    print(f"{result.kind} query {result.query!r}, model {result.model}, {result.backend} index")
-    print(f"{'rank':>4}  {'score':>6}  {'identity':<16}  image")
-    for hit in result.hits:
-        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:<16}  {hit.image}")
+    print("\n".join(result_lines(result)))
     print(f"grid: {args.grid}")
+
+
+def result_lines(result: SearchResult) -> list[str]:
+    """What ``clipid search`` prints: rank and score in columns of their own, the score with
+    the decimals that tell neighbours apart."""
+    from clipid.search.query import score_decimals
+
+    decimals = score_decimals([hit.score for hit in result.hits])
+    width = decimals + 3
+    lines = [f"{result.kind} query {result.query!r}, model {result.model}, "
+             f"{result.backend} index"]
+    if result.excluded:
+        lines.append(f"(the query is the gallery image {result.excluded}: left out)")
+    lines.append(f"{'rank':>4}  {'score':>{width}}  {'identity':<16}  image")
+    lines += [f"{hit.rank:>4}  {hit.score:>{width}.{decimals}f}  {hit.item_id:<16}  {hit.image}"
+              for hit in result.hits]
+    return lines
 
 
 def _register(args: argparse.Namespace) -> None:
