@@ -75,7 +75,10 @@ def decode_rgb(source: Path | BinaryIO,
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as exc:
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else "unreadable image"
-        raise ImageRejected(f"{reason}: {exc}") from None
+        # Pillow names an in-memory file by its repr (<_io.BytesIO object at 0x...>): say
+        # nothing of it, the caller names the upload.
+        detail = str(exc) if isinstance(source, Path) else str(exc).replace(repr(source), "")
+        raise ImageRejected(f"{reason}: {' '.join(detail.split())}") from None
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         im = _to_8bit(im)
     if im.mode == "P" and "transparency" in im.info:
