@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: env repro test lint bench ui serve lock clean-env
+.PHONY: env repro test lint bench ui serve docs lock clean-env
 
 env: $(STAMP)
 
@@ -52,6 +52,10 @@ ui: $(STAMP)
 # The search web app on this repository's outputs (models/index/, data/prepared/ of `make repro`).
 serve: $(STAMP)
 	$(BIN)/clipid serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
+
+# README's search example and docs/search_*.png from the outputs of `make repro`.
+docs: $(STAMP)
+	$(BIN)/python docs/search_examples.py
 
 # Regenerate requirements.lock from requirements.in in a scratch venv.
 lock:
