@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/tracking.py
+	$(BIN)/python bench/lineage.py
 
 # The MLflow UI on this repository's store (the one every stage and experiment logs to).
 UI_PORT ?= 5000
