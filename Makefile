@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/search.py --part hnsw
 	$(BIN)/python bench/search.py --part threads --size 4000
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/serve_hostile.py
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/tracking.py
 	$(BIN)/python bench/lineage.py

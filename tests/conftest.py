@@ -7,8 +7,10 @@ import csv
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,18 @@ def draw(path: Path, seed: int, size: tuple[int, int] = (40, 30), mode: str = "R
     im.save(path)
     return path
 
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` pixels in a few bytes: a decompression bomb's
+    header (the rows never come: decoding it fails as truncated, after allocating the image)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                                0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
 
 @pytest.fixture
 def inshop_root(tmp_path: Path) -> Path:

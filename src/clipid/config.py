@@ -105,17 +105,42 @@ class ModelParams:
     pretrained: str = ""
 
 
+# The R@K each source's papers print (eval.ranks: auto): DeepFashion In-shop's Recall@1..50,
+# the re-id and hand-biometrics tables' Rank-1/5/10/20 (also synthetic's and a manifest's).
+SOURCE_RANKS = {"inshop": (1, 10, 20, 30, 40, 50)}
+DEFAULT_RANKS = (1, 5, 10, 20)
+
+
 @dataclass(frozen=True)
 class EvalParams:
     batch_size: int = _spec(128, ge=1)
     workers: int = _spec(0, ge=0)
     flip: bool = False
     max_rank: int = _spec(50, ge=1)
+    ranks: list[int] | Literal["auto"] = _spec("auto", ge=1)
+    verification: bool = True
+    aqe: bool = False
+    aqe_k: int = _spec(5, ge=1)
+    aqe_alpha: float = _spec(3.0, ge=0)
     rerank: bool = False
     rerank_k1: int = _spec(20, ge=1)
     rerank_k2: int = _spec(6, ge=1)
     rerank_lambda: float = _spec(0.3, ge=0, le=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    def reported_ranks(self, source: str = "") -> tuple[int, ...]:
+        """The K of the reported R@K: ``ranks``, or with ``auto`` what ``source``'s papers
+        print."""
+        if self.ranks == "auto":
+            return SOURCE_RANKS.get(source, DEFAULT_RANKS)
+        return tuple(self.ranks)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(key, what is wrong)`` beyond each value's type and range."""
+        if self.ranks != "auto" and (not self.ranks or sorted(set(self.ranks)) != self.ranks):
+            return [("ranks", f"is {self.ranks!r}; give 'auto' or ranks in increasing order, "
+                              "each once, e.g. [1, 5, 10, 20]")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -251,6 +276,13 @@ class ServeParams:
     port: int = _spec(8000, ge=1, le=65535)
     max_upload_mb: float = _spec(10.0, gt=0)    # larger query images are refused (413)
     max_top_k: int = _spec(100, ge=1)           # most results one request may ask for
+    # larger images (by their header) refused (413); Pillow itself opens none over twice its
+    # default MAX_IMAGE_PIXELS
+    max_pixels: int = _spec(50_000_000, ge=1, le=178_956_970)
+    max_concurrent: int = _spec(2, ge=1)        # decodes/embeddings in flight at once
+    max_queued: int = _spec(8, ge=0)            # waiting behind them; more: 503 + Retry-After
+    large_pixels: int = _spec(16_000_000, ge=1)  # larger uploads: max_concurrent - 1 at once
+    queue_timeout_s: float = _spec(10.0, gt=0)  # longest wait in that queue before a 503
 
 
 @dataclass(frozen=True)
@@ -379,7 +411,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int],
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"{_where(source, lines, dotted)}: unknown key '{dotted}'{hint}")
         kwargs[key] = _convert(hints[key], fields[key], value, dotted, source, lines)
-    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    built = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    for key, problem in getattr(built, "problems", list)():  # checks across a section's keys
+        raise ConfigError(f"{_where(source, lines, prefix + key)}: '{prefix}{key}' {problem}")
+    return built
 
 
 def _convert(tp: Any, fld: dataclasses.Field, value: Any, key: str, source: str,

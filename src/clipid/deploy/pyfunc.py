@@ -6,7 +6,9 @@ from the project's environment with ``--env-manager local`` and installs nothing
 
 Input: a DataFrame with an ``image`` column (image file bytes, raw or base64) and/or a ``text``
 column; each row fills exactly one (the other empty or missing). Output: one L2-normalised
-float32 embedding per row, the same numbers ``clipid.features`` gives.
+float32 embedding per row, the same numbers ``clipid.features`` gives. Images are decoded as
+``clipid serve`` decodes an upload (:func:`clipid.data.images.decode_rgb`): refused over
+``serve.max_pixels``'s default by their header, decoded no larger than the model needs.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
+from clipid.config import ServeParams
+from clipid.data.images import (
+    ImageRejected,
+    ImageTooLarge,
+    decode_rgb,
+    return_large_images_to_the_os,
+)
 from clipid.deploy.preprocessing import image_transform, model_card
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import file_sha256, save_checkpoint
@@ -42,6 +51,7 @@ __all__ = ["ARTIFACT_PATH", "ClipidEmbedder", "save_pyfunc", "weights_file"]
 ARTIFACT_PATH = "model"          # the MLflow Model's folder in its run's artifacts
 WEIGHTS = "model.safetensors"
 BATCH = 64                       # rows per forward pass
+MAX_PIXELS = ServeParams().max_pixels  # served outside the project: serve.max_pixels's default
 
 
 def weights_file(clip: ClipModel, folder: Path) -> Path:
@@ -59,15 +69,16 @@ def weights_file(clip: ClipModel, folder: Path) -> Path:
                            {"architecture": clip.architecture, "weights": clip.weights})
 
 
-def _image(value: Any) -> Image.Image:
+def _image(value: Any, need: Any) -> Image.Image:
     raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     with contextlib.suppress(binascii.Error, ValueError):  # raw image bytes are never base64
         raw = base64.b64decode(b"".join(raw.split()), validate=True)  # MIME base64 has newlines
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoder error is a bad request
+        return decode_rgb(io.BytesIO(raw), max_pixels=MAX_PIXELS, need=need)
+    except ImageTooLarge as exc:
+        raise ClipidError(f"column 'image': {exc} (the default of clipid's serve.max_pixels)") \
+            from None
+    except ImageRejected as exc:
         raise ClipidError(f"column 'image': not a readable image ({exc})") from None
 
 
@@ -83,6 +94,7 @@ class ClipidEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         from clipid.models.factory import load_model
 
+        return_large_images_to_the_os()
         folder = Path(context.artifacts["clip"])
         self.card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
         self.clip = load_model(folder / WEIGHTS)
@@ -114,7 +126,8 @@ class ClipidEmbedder(PythonModel):
         model = self.clip.model.eval()
         chunks = []
         for start in range(0, len(values), BATCH):
-            batch = torch.stack([self.transform(_image(v)) for v in values[start:start + BATCH]])
+            batch = torch.stack([self.transform(_image(v, self.card["preprocess"]["size"]))
+                                 for v in values[start:start + BATCH]])
             chunks.append(F.normalize(model.encode_image(batch).float(), dim=-1).numpy())
         return np.concatenate(chunks)
 
