@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: env repro test lint bench ui serve server lock clean-env
+.PHONY: env repro test lint bench ui serve server docs lock clean-env
 
 env: $(STAMP)
 
@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/tracking.py
 	$(BIN)/python bench/server.py
+	$(BIN)/python bench/lineage.py
 
 # The MLflow UI on this repository's store (the one every stage and experiment logs to).
 UI_PORT ?= 5000
@@ -76,6 +77,9 @@ server: $(STAMP)
 	$(BIN)/clipid server --backend-store-uri "$(BACKEND_STORE_URI)" \
 		--artifacts-destination "$(ARTIFACTS_DESTINATION)" \
 		--host $(SERVER_HOST) --port $(SERVER_PORT)
+# README's search example and docs/search_*.png from the outputs of `make repro`.
+docs: $(STAMP)
+	$(BIN)/python docs/search_examples.py
 
 # Regenerate requirements.lock from requirements.in in a scratch venv.
 lock:

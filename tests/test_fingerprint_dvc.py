@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -110,3 +112,16 @@ def test_hands11k_changes_rerun_prepare_and_nothing_else_does(tmp_path, hands_ro
     draw(hands_root / "Hands" / "Hand_0009999.jpg", 77)  # an image added
     assert repro(repo) == ["fingerprint", "prepare"]
     assert_nothing_reruns(repo)
+
+
+def test_a_failed_exp_run_leaves_the_committed_fingerprint(tmp_path, manifest_root):
+    repo = make_repo(tmp_path, {"source": "manifest", "root": str(manifest_root)})
+    repro(repo)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "fingerprint and prepared data")
+    committed = (repo / "data" / "fingerprint.json").read_bytes()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    failed = subprocess.run(["dvc", "exp", "run", "-S", "data.root=/nonexistent/manifest.csv"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "/nonexistent" in failed.stdout + failed.stderr
+    assert (repo / "data" / "fingerprint.json").read_bytes() == committed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,32 @@ def test_a_checkpoint_is_named_by_file_folder_or_stage(tmp_path: Path,
         resolve_checkpoint("stage9")
     with pytest.raises(ClipidError, match="not a clipid checkpoint"):
         resolve_checkpoint(weights.with_suffix(".json"))
+
+
+def test_lineage_of_stage1_names_the_pretrained_model_and_its_runs(
+        store: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipid.cli import main
+
+    params_file = store / "params.yaml"
+    params_file.write_text("model:\n  name: clipid-vit-tiny\n  pretrained: ''\n")
+    monkeypatch.chdir(store)
+    assert main(["lineage", "stage1", "--params", str(params_file)]) == 2
+    assert "no run in the store evaluated clipid-vit-tiny with random weights" in \
+        capsys.readouterr().out
+    with Tracker(stage="evaluate_stage1", params=Params(), run_name="stage1") as tracker:
+        run_id = tracker.run_id
+    with Tracker(stage="evaluate@stage2", params=Params(), run_name="stage2"):
+        pass
+    assert main(["lineage", "stage1", "--params", str(params_file)]) == 0
+    out = capsys.readouterr().out
+    assert "stage1  clipid-vit-tiny, random weights (seed 0): no checkpoint of its own" in out
+    assert run_id in out and out.count("  run  ") == 1  # Stage 1's evaluation, not stage2's
+
+
+def test_lineage_imports_neither_torch_nor_open_clip() -> None:
+    # Most of what `clipid lineage` took was importing torch and open_clip it never used.
+    code = ("import sys, clipid.cli, clipid.lineage, clipid.tracking, clipid.tracking_spool; "
+            "print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

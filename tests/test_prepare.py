@@ -131,3 +131,83 @@ def test_parallel_workers_give_identical_output(tmp_path, manifest_root):
         assert twin.read_bytes() == image.read_bytes()
     manifests = [ws.manifest.read_text() for ws in (first, second)]
     assert manifests[0] == manifests[1]
+
+
+def test_root_may_be_the_manifest_file_itself(tmp_path, manifest_root):
+    from clipid.data.fingerprint import fingerprint
+
+    renamed = manifest_root / "mine.csv"
+    (manifest_root / "manifest.csv").rename(renamed)
+    params = params_from_dict({"data": {"source": "manifest", "root": str(renamed)}})
+    assert set(fingerprint(params.data)["index"]) == {"mine.csv"}  # the file prepare reads
+    summary, out = run(tmp_path, source="manifest", root=str(renamed))
+    assert summary["train"]["images"] == 6
+
+
+def test_symlinked_image_folder_inside_the_root_is_accepted(tmp_path, manifest_root):
+    elsewhere = tmp_path / "big_disk" / "pics"
+    elsewhere.parent.mkdir()
+    (manifest_root / "pics").rename(elsewhere)
+    (manifest_root / "pics").symlink_to(elsewhere, target_is_directory=True)
+    append_rows(manifest_root / "manifest.csv", [
+        {"image": str(elsewhere / "0.png"), "item_id": "000", "split": "train"},
+        {"image": "pics/../../big_disk/pics/1.png", "item_id": "000", "split": "train"}])
+    summary, out = run(tmp_path / "ws", source="manifest", root=str(manifest_root),
+                       max_rejected_fraction=0.5)
+    rejected = pd.read_csv(out / "rejected.csv", dtype=str)
+    assert set(rejected["reason"]) == {"path escapes the data root"}  # the two names, only them
+    assert len(rejected) == 2 and summary["rejected"] == 2
+    assert summary["train"]["images"] == 6  # the twelve images behind the link are all used
+
+
+def lose_images(manifest_root: Path, numbers: list[int]) -> None:
+    for number in numbers:
+        next((manifest_root / "pics").glob(f"{number}.*")).unlink()
+
+
+def test_drop_empty_identities_drops_and_records(tmp_path, manifest_root):
+    # item 002 (images 6-8: query 6, gallery 7, 8) loses its gallery: its query has no answer;
+    # a new identity 099 has one image, which is missing.
+    lose_images(manifest_root, [7, 8])
+    append_rows(manifest_root / "manifest.csv",
+                [{"image": "pics/lost.png", "item_id": "099", "split": "train"}])
+    with pytest.raises(PrepareError, match="1 identity left with no usable image: 099"):
+        run(tmp_path, source="manifest", root=str(manifest_root), max_rejected_fraction=0.5)
+    summary, out = run(tmp_path, source="manifest", root=str(manifest_root),
+                       max_rejected_fraction=0.5, drop_empty_identities=True)
+    assert summary["dropped_identities"] == 2 and summary["dropped_draws"] == 1  # 002 and 099
+    rejected = pd.read_csv(out / "rejected.csv", dtype=str, keep_default_na=False)
+    why = {(r.source_image, r.item_id): r.reason for r in rejected.itertuples()}
+    assert why["", "099"].startswith("identity dropped: no usable image left")
+    assert why["", "002"].startswith("identity dropped: no usable image left")
+    assert why["pics/6.png", "002"].startswith("draw dropped 0: the identity has no usable gallery")
+    table = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert "002" not in set(table["item_id"]) and "099" not in set(table["item_id"])
+    assert json.loads(Workspace(tmp_path).data_metrics.read_text())["dropped_draws"] == 1
+
+
+def test_drop_empty_identities_drops_only_the_draws_that_lost_their_gallery(tmp_path, hands_root):
+    from clipid.data.sources import read_hands11k
+
+    records = read_hands11k(hands_root, "dorsal_r", True, 3, 0)
+    gallery = next(r for r in records if r.split == "gallery" and r.split_index == 1)
+    (hands_root / gallery.path).unlink()
+    summary, out = run(tmp_path, source="hands11k", root=str(hands_root), splits=3,
+                       max_rejected_fraction=0.5, drop_empty_identities=True)
+    table = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    subject = table[(table["item_id"] == gallery.item_id) & (table["split"] != "train")]
+    lost_draws = {d for d in ("0", "1", "2")
+                  if not ((subject["split_index"] == d) & (subject["split"] == "gallery")).any()}
+    assert "1" in lost_draws and not (subject["split_index"].isin(lost_draws)).any()
+    assert summary["dropped_draws"] == len(lost_draws) and summary["dropped_identities"] == 0
+
+
+def test_cache_smaller_than_the_model_input_warns_with_both_sizes(tmp_path, manifest_root, caplog):
+    params = params_from_dict({"data": {"workers": 0, "cache_size": 80, "source": "manifest",
+                                        "root": str(manifest_root)},
+                               "model": {"name": "ViT-B-16"}})
+    prepare(params, Workspace(tmp_path))
+    assert "data.cache_size is 80 px but ViT-B-16 reads 224 px images" in caplog.text
+    caplog.clear()
+    run(tmp_path, source="manifest", root=str(manifest_root), cache_size=64)  # the tiny model's
+    assert "upscaled" not in caplog.text

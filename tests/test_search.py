@@ -17,9 +17,9 @@ from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import save_checkpoint
 from clipid.models.factory import create_model
-from clipid.search.gallery import GalleryIndex, gallery_rows
+from clipid.search.gallery import GalleryIndex, Hit, gallery_rows
 from clipid.search.index import ExactIndex, FaissIndex, build_index, recall_against_exact
-from clipid.search.query import embed_text, has_text_tower, search
+from clipid.search.query import SearchResult, embed_text, has_text_tower, score_decimals, search
 from clipid.stages.clean_captions import clean_captions
 from clipid.stages.index import index_stage
 from clipid.stages.prepare import prepare
@@ -136,15 +136,34 @@ def test_the_index_stage_embeds_each_gallery_image_once(workspace):
     assert metrics["stage1"]["images"] == len(gallery)
 
 
-def test_a_gallery_image_finds_itself_first(workspace, monkeypatch):
+def test_a_gallery_image_query_leaves_itself_out_and_says_so(workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
     gallery = GalleryIndex.load(HERE.index_dir("stage1"))
     probe = gallery.table["image"].iloc[3]
+    own = f"data/prepared/{probe}"  # as the index stage wrote it
+    nearest = gallery.search(gallery.embeddings[3:4], 6)[0]
+    assert nearest[0].image == own and nearest[0].score == pytest.approx(1.0, abs=1e-4)
     result = search(micro_params(), image=HERE.prepared / probe, top_k=5)
     assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
-    assert result.hits[0].image == f"data/prepared/{probe}"  # as the index stage wrote it
-    assert result.hits[0].score == pytest.approx(1.0, abs=1e-4)
-    assert result.hits[0].item_id == gallery.table["item_id"].iloc[3]
+    assert result.excluded == own and own not in [h.image for h in result.hits]
+    assert [h.image for h in result.hits] == [h.image for h in nearest[1:]]
+    assert run_cli("--image", str(HERE.prepared / probe), "--top-k", "2") == 0
+    assert f"(the query is the gallery image {own}: left out)" in capsys.readouterr().out
+
+
+def test_scores_get_the_decimals_that_tell_neighbours_apart():
+    assert score_decimals([0.953, 0.932, 0.886]) == 3
+    assert score_decimals([0.99991, 0.99987, 0.99987, 0.5]) == 5  # equal ones need no more
+    assert score_decimals([1.0, 1.0]) == 3
+
+
+def test_rank_and_score_are_columns_apart():
+    hits = [Hit(rank, score, "item", f"img{rank}.png")
+            for rank, score in enumerate([0.99991, 0.99987, 0.9], start=1)]
+    lines = cli.result_lines(SearchResult("image", "q.png", "stage4", "exact", hits))
+    assert lines[1].split() == ["rank", "score", "identity", "image"]
+    assert lines[2].split() == ["1", "0.99991", "item", "img1.png"]
+    assert lines[4].split() == ["3", "0.90000", "item", "img3.png"]
 
 
 def test_faiss_and_exact_galleries_rank_alike(workspace, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from PIL import Image
 from clipid.config import params_from_dict
 from clipid.data.dataset import PreparedData
 from clipid.search.gallery import GalleryIndex
-from clipid.search.query import search
+from clipid.search.query import score_decimals, search
 from clipid.stages.clean_captions import clean_captions
 from clipid.stages.index import index_stage
 from clipid.stages.prepare import prepare
@@ -163,11 +164,12 @@ def test_health_names_the_loaded_model_and_its_index(workspace):
 
 def test_an_uploaded_gallery_image_finds_itself_with_the_fields_of_clipid_search(
         workspace, monkeypatch):
-    image = workspace.image(4)
+    image = workspace.image(4)  # uploaded bytes are not known as a gallery image: it is kept
     data = (workspace.root / image).read_bytes()
     status, answer = search_image(workspace, data, "probe.png", top_k="5")
     assert status == 200, answer
-    expected = library_search(workspace, monkeypatch, image=Path(image), top_k=5)
+    (workspace.root / "probe.png").write_bytes(data)  # a copy, which the CLI keeps too
+    expected = library_search(workspace, monkeypatch, image=Path("probe.png"), top_k=5)
     assert answer.keys() == expected.keys()
     assert answer["query"] == {"image": "probe.png"}
     assert {k: answer[k] for k in ("model", "backend", "results")} == \
@@ -175,6 +177,33 @@ def test_an_uploaded_gallery_image_finds_itself_with_the_fields_of_clipid_search
     first = answer["results"][0]
     assert first["image"] == image and first["score"] == pytest.approx(1.0, abs=1e-4)
     assert first["item_id"] == workspace.gallery.table["item_id"].iloc[4]
+
+
+def test_search_with_a_gallery_image_leaves_it_out_and_says_so(workspace):
+    image = workspace.image(3)
+    status, answer = search_text(workspace, {"similar": image, "top_k": 5})
+    assert status == 200, answer
+    assert answer["query"] == {"image": image} and answer["excluded"] == image
+    nearest = workspace.gallery.search(workspace.gallery.embeddings[3:4], 6)[0]
+    assert nearest[0].image == image  # what the page showed first before
+    assert [r["image"] for r in answer["results"]] == [h.image for h in nearest[1:]]
+    assert [r["rank"] for r in answer["results"]] == [1, 2, 3, 4, 5]
+
+
+def test_the_server_serves_the_models_clipid_search_takes(workspace, monkeypatch):
+    from clipid.models.checkpoint import save_checkpoint
+    from clipid.models.factory import create_model
+
+    status, body = call(workspace, "/api/health")
+    assert set(json.loads(body)["available"]) >= {"stage1", "stage2", "stage4", "clipreid"}
+    clip = create_model("clipid-vit-tiny", "", seed=1)
+    save_checkpoint(clip.model.state_dict(), workspace.root / "models/stage2/model.safetensors",
+                    {"architecture": "clipid-vit-tiny", "stage": "stage2"})
+    status, answer = search_text(workspace, {"text": TEXT, "top_k": 4, "model": "stage2"})
+    assert status == 200, answer
+    assert answer == library_search(workspace, monkeypatch, text=TEXT, top_k=4, model="stage2")
+    health = json.loads(call(workspace, "/api/health")[1])
+    assert set(health["models"]) == {"stage1", "stage2"}  # loaded on its first query
 
 
 def test_a_text_query_ranks_as_clipid_search_does(workspace, monkeypatch):
@@ -186,7 +215,7 @@ def test_a_text_query_ranks_as_clipid_search_does(workspace, monkeypatch):
 
 @pytest.mark.parametrize("name, send, status, message", [
     ("not an image", lambda ws: search_image(ws, b"just some text", "notes.png"),
-     400, "notes.png: not an image"),
+     400, "notes.png: not an image: cannot identify image file"),
     ("empty file", lambda ws: search_image(ws, b"", "empty.png"),
      400, "empty.png: the uploaded file is empty"),
     ("over max_upload_mb", lambda ws: search_image(ws, png(140, 140), "big.png"),
@@ -205,9 +234,11 @@ def test_a_text_query_ranks_as_clipid_search_does(workspace, monkeypatch):
     ("no text", lambda ws: search_text(ws, {"top_k": 3}), 400, "text: the query text is empty"),
     ("unknown model, text", lambda ws: search_text(ws, {"text": TEXT, "model": "stage9"}),
      400, "unknown model 'stage9': this server has loaded stage1"),
-    ("unknown model, image",
+    ("a model without a checkpoint, image",
      lambda ws: search_image(ws, png(20, 20), model="stage4"),
-     400, "unknown model 'stage4': this server has loaded stage1"),
+     400, "model 'stage4': models/stage4/model.safetensors does not exist"),
+    ("similar: not a gallery image", lambda ws: search_text(ws, {"similar": "params.yaml"}),
+     404, "similar: 'params.yaml' is not an image of the stage1 gallery"),
     ("top_k zero", lambda ws: search_text(ws, {"text": TEXT, "top_k": 0}),
      400, "top_k: 0 is not between 1 and 20 (serve.max_top_k)"),
     ("top_k not a number", lambda ws: search_image(ws, png(20, 20), top_k="ten"),
@@ -221,6 +252,7 @@ def test_a_bad_query_is_a_4xx_with_a_message_and_the_server_keeps_serving(
         workspace, name, send, status, message):
     got, answer = send(workspace)
     assert (got, answer["detail"][:len(message)]) == (status, message), answer
+    assert "BytesIO" not in answer["detail"]  # what the user sent is named, not our buffer
     assert workspace.proc.poll() is None, f"the server died:\n{workspace.log.read_text()}"
     ok, answer = search_text(workspace, {"text": TEXT, "top_k": 2})
     assert ok == 200 and len(answer["results"]) == 2
@@ -360,7 +392,7 @@ def _results(page: Browser, generation: int) -> list[dict]:
     cards = page.wait(drawn, f"result set {generation} with its thumbnails")
     return [{"image": c.get_attribute("data-image"),
              "rank": c.find_element(By.CLASS_NAME, "rank").text,
-             "score": c.find_element(By.CLASS_NAME, "score").text,
+             "score": c.find_element(By.CLASS_NAME, "score").text.removeprefix("score "),
              "identity": c.find_element(By.CLASS_NAME, "identity").text,
              "link": c.find_element(By.CLASS_NAME, "similar")} for c in cards]
 
@@ -390,15 +422,31 @@ def test_the_page_finds_an_uploaded_image_first_and_searches_a_result(page, work
         status = page.driver.find_element(By.ID, "status").text
         assert status.startswith("10 results for image ") and "model stage1" in status
 
-    # "search with this image" on the third result: that image is now first, with score 1.
+    # "search with this image" on the third result: the others, that image left out.
     third = cards[2]
     with page.page("similar"):
         third["link"].click()
         cards = _results(page, n + 2)
-        assert cards[0]["image"] == third["image"]
-        assert cards[0]["identity"] == third["identity"] and cards[0]["score"] == "1.000"
+        assert third["image"] not in [c["image"] for c in cards] and len(cards) == 10
+        status = page.driver.find_element(By.ID, "status").text
+        assert "the query image itself is left out" in status
         query = urllib.parse.parse_qs(urllib.parse.urlparse(page.driver.current_url).query)
         assert query == {"similar": [third["image"]]}
+
+
+@browser_test
+def test_a_text_query_in_the_address_is_searched(page, workspace, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    expected = library_search(workspace, monkeypatch, text=TEXT, top_k=10)["results"]
+    with page.page("address"):
+        page.driver.get(workspace.url + "/?" + urllib.parse.urlencode({"q": TEXT}))
+        cards = _results(page, 1)
+        assert [c["image"] for c in cards] == [r["image"] for r in expected]
+        assert page.driver.find_element(By.ID, "text").get_attribute("value") == TEXT
+        # Rank and score read apart ("#1 score 0.953", not "#10.953").
+        meta = page.driver.find_element(By.CSS_SELECTOR, "#results .result .meta").text
+        assert re.fullmatch(r"#1\s+score -?\d\.\d{3,8}", meta), meta
 
 
 @browser_test
@@ -436,8 +484,9 @@ def test_the_page_searches_a_typed_text_like_clipid_search(page, workspace, monk
         box.clear()
         box.send_keys(TEXT, Keys.ENTER)
         cards = _results(page, n + 1)
+        decimals = score_decimals([r["score"] for r in expected])  # as clipid search prints
         assert [(c["image"], c["identity"], c["score"]) for c in cards] == \
-            [(r["image"], r["item_id"], f"{r['score']:.3f}") for r in expected]
+            [(r["image"], r["item_id"], f"{r['score']:.{decimals}f}") for r in expected]
         assert TEXT in page.driver.find_element(By.ID, "status").text
 
 
@@ -453,4 +502,5 @@ def test_the_page_shows_why_an_upload_is_refused(page, workspace):
         status = page.wait(lambda d: (s := d.find_element(By.ID, "status")).get_attribute(
             "class") == "error" and s, "the error message")
         assert status.text.startswith("error 400: notes.png: not an image"), status.text
+        assert "BytesIO" not in status.text
         assert _generation(page) == n  # the last results stay

@@ -104,7 +104,7 @@ def test_zeroshot_is_no_command_and_evaluate_takes_stage1():
 
 def test_the_report_lines_of_the_default_stages():
     params = load_params(REPO / "params.yaml")
-    assert describe_stage(params, "stage1") == "pretrained model, no training"
+    assert describe_stage(params, "stage1") == "random weights (seed 0), no training"
     assert describe_stage(params, "stage2") == \
         "image tower; supcon; random sampler; from stage1"
     assert describe_stage(params, "stage4") == \

@@ -25,10 +25,11 @@ from clipid.stage_registry import (
     trained_stages,
 )
 
-__all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params",
+__all__ = ["PRETRAINED", "WEIGHT_SUFFIXES", "architectures", "check_params", "input_size",
            "load_checked_params", "looks_like_weight_file", "stage_inits"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+HF_HUB = "hf-hub:"  # open_clip's prefix of models and weights on the Hugging Face Hub
 # clipid's own architectures (clipid.models registers this folder with open_clip).
 CLIPID_MODEL_CONFIGS = Path(__file__).parent / "models" / "model_configs"
 
@@ -107,35 +108,58 @@ def _check_search_models(params: Params, where: _Where) -> None:
 
 
 def looks_like_weight_file(pretrained: str) -> bool:
-    """A path (suffix, separator or an existing file), not an open_clip tag like ``openai``."""
+    """A path (suffix, separator or an existing file), not an open_clip tag like ``openai`` nor
+    weights on the Hugging Face Hub (``hf-hub:org/name``)."""
+    if pretrained.startswith(HF_HUB):
+        return False
     return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
+
+
+def _architecture_configs() -> dict[str, dict]:
+    """Architecture name -> its JSON config, for open_clip's and clipid's own configs."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
+    configs = {}
+    for config in (path for folder in [*folders, CLIPID_MODEL_CONFIGS]
+                   for path in folder.glob("*.json")):
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        if all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):  # as open_clip
+            configs[config.stem] = cfg
+    return configs
 
 
 def architectures() -> list[str]:
     """The names ``open_clip.list_models()`` gives once clipid's configs are registered, read
     from the same JSON files without importing open_clip (and torch): checking params stays
     instant. ``tests/test_check_params.py`` holds the two lists equal."""
-    spec = importlib.util.find_spec("open_clip")
-    folders = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
-    names = set()
-    for config in (path for folder in [*folders, CLIPID_MODEL_CONFIGS]
-                   for path in folder.glob("*.json")):
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-        if all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):  # as open_clip
-            names.add(config.stem)
-    return sorted(names)
+    return sorted(_architecture_configs())
+
+
+def input_size(name: str) -> int | None:
+    """The image side an architecture reads (``vision_cfg.image_size``), from its JSON config;
+    None where clipid has no config to read (an ``hf-hub:`` model)."""
+    size = _architecture_configs().get(name, {}).get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def _check_model(params: Params, where: _Where) -> None:
     name, pretrained = params.model.name, params.model.pretrained
+    if name.startswith(HF_HUB):  # checked when the model is built: nothing is downloaded here
+        if pretrained:
+            raise ConfigError(f"{where('model.pretrained')}: 'model.pretrained' is "
+                              f"'{pretrained}', but model.name '{name}' brings its own weights "
+                              "from the hub: leave model.pretrained empty")
+        return
     known = architectures()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        close = closest_names(name, known)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
             "; see open_clip.list_models() and src/clipid/models/model_configs/"
         raise ConfigError(f"{where('model.name')}: 'model.name' is '{name}', which is neither an "
-                          f"open_clip nor a clipid architecture{hint}")
-    if not pretrained:
+                          f"open_clip nor a clipid architecture (nor hf-hub:org/name){hint}")
+    if not pretrained or pretrained.startswith(HF_HUB):
         return
     if looks_like_weight_file(pretrained):
         path = Path(pretrained).expanduser()
@@ -210,6 +234,13 @@ def _check_vit_geometry(model: ModelParams, vision: dict, where: _Where) -> None
     if patch and any(side < patch for side in model.image_size):
         raise ConfigError(f"{where('model.image_size')}: 'model.image_size' {model.image_size} "
                           f"is smaller than one {patch}-pixel patch")
+def closest_names(name: str, known: list[str], n: int = 3) -> list[str]:
+    """The known names closest to ``name``, ignoring case (``vit-b-16`` -> ``ViT-B-16``)."""
+    by_lower: dict[str, str] = {}
+    for candidate in known:
+        by_lower.setdefault(candidate.lower(), candidate)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)
+    return [by_lower[c] for c in close]
 
 
 def _check_batches(params: Params, where: _Where) -> None:

@@ -6,11 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from clipid import __version__
 from clipid.checks import load_checked_params
 from clipid.config import load_params
 from clipid.errors import ClipidError
 from clipid.stage_registry import model_stages, trained_stages
+
+if TYPE_CHECKING:
+    from clipid.search.query import SearchResult
 
 
 def _fingerprint(args: argparse.Namespace) -> None:
@@ -93,11 +98,25 @@ def _search(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return
-    print(f"{result.kind} query {result.query!r}, model {result.model}, {result.backend} index")
-    print(f"{'rank':>4}  {'score':>6}  {'identity':<16}  image")
-    for hit in result.hits:
-        print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:<16}  {hit.image}")
+    print("\n".join(result_lines(result)))
     print(f"grid: {args.grid}")
+
+
+def result_lines(result: SearchResult) -> list[str]:
+    """What ``clipid search`` prints: rank and score in columns of their own, the score with
+    the decimals that tell neighbours apart."""
+    from clipid.search.query import score_decimals
+
+    decimals = score_decimals([hit.score for hit in result.hits])
+    width = decimals + 3
+    lines = [f"{result.kind} query {result.query!r}, model {result.model}, "
+             f"{result.backend} index"]
+    if result.excluded:
+        lines.append(f"(the query is the gallery image {result.excluded}: left out)")
+    lines.append(f"{'rank':>4}  {'score':>{width}}  {'identity':<16}  image")
+    lines += [f"{hit.rank:>4}  {hit.score:>{width}.{decimals}f}  {hit.item_id:<16}  {hit.image}"
+              for hit in result.hits]
+    return lines
 
 
 def _register(args: argparse.Namespace) -> None:
@@ -114,18 +133,29 @@ def _export(args: argparse.Namespace) -> None:
 
 def _lineage(args: argparse.Namespace) -> None:
     from clipid import tracking_spool
-    from clipid.lineage import lineage_lines, resolve_checkpoint
-    from clipid.models.checkpoint import file_sha256
+    from clipid.files import file_sha256
+    from clipid.lineage import lineage_lines, pretrained_lines, resolve_checkpoint
+    from clipid.stage_registry import FORMER_PRETRAINED_NAMES, PRETRAINED
     from clipid.tracking import mlflow_client, store_root, tracking_uri
 
-    path = resolve_checkpoint(args.target)
     uri = tracking_uri()
-    spooled = [e.record for e in tracking_spool.pending(store_root())]
-    lines, found = lineage_lines(mlflow_client(uri), file_sha256(path), str(path), spooled)
+    if args.target in (PRETRAINED, *FORMER_PRETRAINED_NAMES):
+        path = PRETRAINED
+        lines, found = pretrained_lines(mlflow_client(uri), load_params(args.params))
+    else:
+        path = resolve_checkpoint(args.target)
+        spooled = [e.record for e in tracking_spool.pending(store_root())]
+        lines, found = lineage_lines(mlflow_client(uri), file_sha256(path), str(path), spooled)
     print(f"store {uri}")
     print("\n".join(lines))
     if not found:
-        raise ClipidError(f"{path}: no MLflow run in {uri} wrote these weights")
+        raise ClipidError(f"{path}: no MLflow run in {uri} made or evaluated these weights")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from clipid.compare import compare_table, experiment_rows
+
+    print(compare_table(experiment_rows(args.experiments)))
 
 
 def _tracking(args: argparse.Namespace) -> None:
@@ -159,6 +189,9 @@ def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")  # main has checked the file, as before every command
 
 
+DESCRIPTION = ("The commands the DVC stages of clipid run, and the tools around them (search, "
+               "serve, lineage, tracking). Each reads params.yaml, or the file --params names.")
+
 COMMANDS = {
     "fingerprint": (_fingerprint, "list what prepare reads under data.root into "
                     "data/fingerprint.json"),
@@ -170,6 +203,8 @@ COMMANDS = {
     "evaluate": (_evaluate, "evaluate a stage's model (stage1: the pretrained one, no "
                  "training) into metrics/<stage>.json"),
     "report": (_report, "compare every stage in metrics/report.md"),
+    "compare": (_compare, "the headline figures (i2i R1 and mAP, t2i mAP) of DVC experiments, "
+                "one line per experiment and stage"),
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
     "register": (_register, "move alias champion of clipid-image/-text to the best stage"),
@@ -214,7 +249,8 @@ def _server_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipid", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipid", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"clipid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -241,8 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "lineage":
             cmd.add_argument("target", help="models/stage2/model.safetensors, models/stage2 or "
                              "stage2")
+        if name == "compare":
+            cmd.add_argument("experiments", nargs="*", metavar="EXP",
+                             help="experiments (names or revisions; default: the workspace, "
+                             "its commit and every experiment that dvc exp show lists)")
         if name == "tracking":
-            cmd.add_argument("action", choices=("status", "sync"))
+            cmd.add_argument("action", choices=("status", "sync"),
+                             help="status: list the runs spooled while the store was down "
+                             "(when, stage, what, which store); sync: replay them into the store "
+                             "(MLFLOW_TRACKING_URI or ./mlflow.db)")
         if name == "server":
             _server_arguments(cmd)
         if name == "serve":
@@ -252,8 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# INFO lines of libraries that say nothing a user of a stage acts on: open_clip's "Parsing model
+# identifier" (logged on the root logger, several per stage), MLflow's schema set-up ("Creating
+# initial MLflow database tables") and registry wait ("Waiting up to 300 seconds ...").
+QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store",
+                 "alembic.runtime.migration")
+
+
+def _not_library_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+
+
+def configure_logging() -> None:
+    """clipid's INFO lines and every warning; libraries' INFO chatter left out."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_library_info)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         # Every command checks the whole parameter file before it reads any data, except the

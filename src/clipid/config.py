@@ -86,6 +86,7 @@ class DataParams:
     cache_format: Literal["png", "jpg"] = "png"
     splits: int = _spec(10, ge=1)
     max_rejected_fraction: float = _spec(0.05, ge=0, le=1)
+    drop_empty_identities: bool = False
     workers: int = _spec(2, ge=0)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     hands11k: Hands11kParams = field(default_factory=Hands11kParams)

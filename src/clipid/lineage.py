@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clipid.config import Params
 from clipid.errors import ClipidError
-from clipid.models.checkpoint import file_sha256, sidecar_path
-from clipid.stage_registry import PRETRAINED
+from clipid.files import file_sha256, sidecar_path
+from clipid.stage_registry import PRETRAINED, get_stage
 from clipid.tracking_spool import CHECKPOINT_TAG, format_time
 from clipid.workspace import Workspace
 
-__all__ = ["checkpoint_tags", "lineage_lines", "resolve_checkpoint"]
+__all__ = ["checkpoint_tags", "lineage_lines", "pretrained_lines", "resolve_checkpoint"]
 
 PARENT_TAG = "clipid.parent.sha256"
 
@@ -115,3 +116,24 @@ def lineage_lines(client: Any, sha256: str, label: str,
                          "(not a checkpoint: the start of the line)")
         indent += "  "
     return lines, found
+
+
+def pretrained_lines(client: Any, params: Params) -> tuple[list[str], bool]:
+    """What ``clipid lineage stage1`` prints: Stage 1 has no checkpoint of its own (it is
+    ``model.name`` with ``model.pretrained``), so its line is the params and the runs of its
+    evaluation with that model, newest first; and whether the store has such a run."""
+    model = params.model
+    weights = model.pretrained or "random"
+    said = (f"random weights (seed {params.train.seed})" if not model.pretrained
+            else f"model.pretrained {model.pretrained}")
+    lines = [f"{PRETRAINED}  {model.name}, {said}: no checkpoint of its own, the start of every "
+             "line"]
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    query = (f"tags.`clipid.stage` = '{get_stage(PRETRAINED).evaluated_by}' and "
+             f"tags.`model.name` = '{model.name}' and tags.`model.pretrained` = '{weights}'")
+    runs = client.search_runs(list(experiments), query, order_by=["attributes.start_time DESC"])
+    if not runs:
+        lines.append(f"  no run in the store evaluated {model.name} with {weights} weights")
+    for run in runs:
+        lines += _describe(run, experiments, "  ")
+    return lines, bool(runs)

@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 
 from clipid import tracking_spool as spool
 from clipid.config import Params, flatten_params
-from clipid.models.checkpoint import file_sha256, sidecar_path
+from clipid.files import file_sha256, sidecar_path
 
 log = logging.getLogger(__name__)
 

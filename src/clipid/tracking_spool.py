@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipid.models.checkpoint import file_sha256
+from clipid.files import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clipid.config import DataParams
-from clipid.data.sources import SourceError
+from clipid.data.sources import SourceError, manifest_file
 
 __all__ = ["SourceFiles", "SOURCE_FILES", "source_files", "listing_digest", "fingerprint",
            "fingerprint_json"]
@@ -68,8 +68,9 @@ def source_files(params: DataParams) -> tuple[Path, SourceFiles]:
                           "add it to clipid.data.fingerprint.SOURCE_FILES")
     files = SOURCE_FILES[params.source]
     root = Path(params.root).expanduser()
-    if params.source == "manifest" and root.suffix == ".csv":
-        root, files = root.parent, replace(files, index=(root.name,))
+    if params.source == "manifest" and params.root:
+        manifest = manifest_file(root)
+        root, files = manifest.parent, replace(files, index=(manifest.name,))
     if not params.root or not root.is_dir():
         raise SourceError(f"data.root: '{params.root}' is not a directory; data.source "
                           f"'{params.source}' needs the data set's root folder")

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageRejected", "ImageTooLarge", "PREPARE_MAX_PIXELS", "REDUCING_GAP", "decode_rgb",
-           "load_rgb", "open_checked", "resize_shorter_side", "cache_image", "shrink_factor",
-           "return_large_images_to_the_os"]
+           "escapes", "load_rgb", "open_checked", "resize_shorter_side", "cache_image",
+           "shrink_factor", "return_large_images_to_the_os"]
 
 # prepare's own limit: larger than any photo or scan a data set holds, and below twice Pillow's
 # default MAX_IMAGE_PIXELS (179 MP), where Pillow itself refuses to open a file.
@@ -68,22 +68,30 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int]) -> Image.I
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
+def escapes(path: Path, root: Path) -> bool:
+    """Whether ``path`` names a file outside ``root``, judged on the name alone: an absolute name
+    or a ``..`` component. Symbolic links are not resolved: a folder inside the root that links
+    to another disk (``Hands -> /big/disk/Hands``) is the user's own choice and stays inside."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return True
+    return ".." in rel.parts
+
+
 def load_rgb(path: Path, root: Path | None = None,
              background: tuple[int, int, int] = (255, 255, 255), *,
              max_pixels: int = PREPARE_MAX_PIXELS,
              need: int | Sequence[int] | None = None) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image with its EXIF orientation applied.
 
-    Raises :class:`ImageRejected` for a path outside ``root``, a missing or zero-byte file, a file
-    that is not an image, is truncated or has more than ``max_pixels`` pixels. CMYK, 16-bit,
-    palette and transparent images are converted (transparency over ``background``); ``need``
-    as in :func:`decode_rgb`.
+    Raises :class:`ImageRejected` for a path outside ``root`` (see :func:`escapes`), a missing or
+    zero-byte file, a file that is not an image, is truncated or has more than ``max_pixels``
+    pixels. CMYK, 16-bit, palette and transparent images are converted (transparency over
+    ``background``); ``need`` as in :func:`decode_rgb`.
     """
-    if root is not None:
-        try:
-            path.resolve().relative_to(root.resolve())
-        except ValueError:
-            raise ImageRejected("path escapes the data root") from None
+    if root is not None and escapes(path, root):
+        raise ImageRejected("path escapes the data root")
     if not path.is_file():
         raise ImageRejected("missing file")
     if path.stat().st_size == 0:
@@ -178,7 +186,10 @@ def decode_rgb(source: Path | BinaryIO, background: tuple[int, int, int] = (255,
         raise ImageTooLarge(f"the image has more than {max_pixels:,} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else "unreadable image"
-        raise ImageRejected(f"{reason}: {exc}") from None
+        # Pillow names an in-memory file by its repr (<_io.BytesIO object at 0x...>): say
+        # nothing of it, the caller names the upload.
+        detail = str(exc) if isinstance(source, Path) else str(exc).replace(repr(source), "")
+        raise ImageRejected(f"{reason}: {' '.join(detail.split())}") from None
     return _to_rgb(im, background)
 
 

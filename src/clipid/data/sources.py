@@ -17,8 +17,8 @@ from pathlib import Path
 from clipid.config import DataParams
 from clipid.errors import ClipidError
 
-__all__ = ["Record", "SourceError", "SPLITS", "read_source", "read_inshop", "read_hands11k",
-           "read_manifest"]
+__all__ = ["Record", "SourceError", "SPLITS", "manifest_file", "read_source", "read_inshop",
+           "read_hands11k", "read_manifest"]
 
 SPLITS = ("train", "query", "gallery")
 
@@ -53,6 +53,9 @@ def read_source(params: DataParams, workdir: Path) -> tuple[Path, list[Record]]:
                             workers=params.workers)
         return manifest.parent, read_manifest(manifest)
     root = Path(params.root).expanduser()
+    if params.source == "manifest" and params.root:
+        manifest = manifest_file(root)
+        return manifest.parent, read_manifest(manifest)
     if not params.root or not root.is_dir():
         raise SourceError(f"data.root: '{params.root}' is not a directory; data.source "
                           f"'{params.source}' needs the data set's root folder")
@@ -67,8 +70,13 @@ def read_source(params: DataParams, workdir: Path) -> tuple[Path, list[Record]]:
         if params.source == "msmt17":
             return root, read_msmt17(root)
         return root, read_market_layout(root, params.source)
-    manifest = root if root.suffix == ".csv" else root / "manifest.csv"
-    return manifest.parent, read_manifest(manifest)
+    raise SourceError(f"data.root is empty; data.source '{params.source}' needs it")
+
+
+def manifest_file(root: Path) -> Path:
+    """``data.root`` of the manifest source: the CSV itself (a file, or a name ending in .csv)
+    or the folder holding ``manifest.csv``. ``fingerprint`` and ``prepare`` both read it here."""
+    return root if root.is_file() or root.suffix.lower() == ".csv" else root / "manifest.csv"
 
 
 # ---------------------------------------------------------------------------------------------

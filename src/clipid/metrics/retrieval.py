@@ -38,12 +38,14 @@ def text_to_image(similarity: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
 
 def aggregate_draws(draws: Sequence[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over the query/gallery draws, with ``<name>_std`` (population
-    standard deviation, 0 for a single draw) next to it."""
+    standard deviation) next to it where there are several draws: a single draw (a fixed split)
+    has no spread to report, and an all-zero column would only widen ``dvc metrics show``."""
     if not draws:
         raise ValueError("no draws to aggregate")
     out: dict[str, float] = {}
     for key in draws[0]:
         values = np.array([d[key] for d in draws], dtype=np.float64)
         out[key] = float(values.mean())
-        out[f"{key}_std"] = float(values.std())
+        if len(draws) > 1:
+            out[f"{key}_std"] = float(values.std())
     return out

@@ -20,7 +20,10 @@ if MODEL_CONFIG_DIR not in open_clip.factory._MODEL_CONFIG_PATHS:
 
 def get_model_config(name: str) -> dict:
     """The architecture config of an open_clip or clipid model; a clear error if unknown."""
-    config = open_clip.get_model_config(name)
+    from clipid.models.hub import hub_access
+
+    with hub_access("model.name", name):
+        config = open_clip.get_model_config(name)
     if config is None:
         known = ", ".join(open_clip.list_models()[:12])
         raise ConfigError(f"model.name: unknown architecture '{name}' (known include: {known}, "

@@ -7,7 +7,6 @@ and no tracking run id: the MLflow run tags the weights' SHA-256 instead (``clip
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,26 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipid.errors import ClipidError
+from clipid.files import file_sha256, sidecar_path  # here too: their old home
 
 __all__ = ["CheckpointError", "file_sha256", "save_checkpoint", "load_checkpoint", "sidecar_path"]
 
 
 class CheckpointError(ClipidError):
     """A checkpoint that is missing or incomplete."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (checkpoints can be gigabytes)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sidecar_path(weights: str | Path) -> Path:
-    """``models/stage2/model.safetensors`` -> ``models/stage2/model.json``."""
-    return Path(weights).with_suffix(".json")
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path,

@@ -14,20 +14,16 @@ import open_clip
 import torch
 
 from clipid.checks import WEIGHT_SUFFIXES, looks_like_weight_file
-from clipid.errors import ClipidError
 from clipid.models import get_model_config
 from clipid.models.checkpoint import load_checkpoint
 from clipid.models.geometry import ModelSpec, apply_geometry, eval_transform
+from clipid.models.hub import HubUnavailable, ModelLoadError, hub_access, hub_repo, is_hub_name
 from clipid.models.visual import add_camera_embedding, set_embedding
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ClipModel", "ModelLoadError", "create_model", "load_model", "looks_like_weight_file",
            "WEIGHT_SUFFIXES"]
-
-
-class ModelLoadError(ClipidError):
-    """Weights that cannot be had: unknown tag, missing file, offline machine."""
 
 
 @dataclass
@@ -70,7 +66,7 @@ def _transforms(model: torch.nn.Module) -> tuple[Callable, Callable]:
 def _tag_quick_gelu(name: str, pretrained: str) -> bool:
     """What open_clip marks for ``pretrained`` (``openai``: QuickGELU); False for a weight file
     or random weights, which carry no mark."""
-    if not pretrained or looks_like_weight_file(pretrained):
+    if not pretrained or looks_like_weight_file(pretrained) or is_hub_name(pretrained):
         return False
     return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
@@ -102,14 +98,27 @@ def create_model(name: str, pretrained: str = "", seed: int = 0,
     """Build ``name`` with weights from ``pretrained``, shaped by ``spec`` (activation, input
     geometry, embedding; default: the architecture's own).
 
-    ``pretrained`` is an open_clip tag (``openai``, downloaded and cached by open_clip), a local
-    ``.safetensors``/``.pt`` file (read with ``weights_only``: no pickled code runs), or empty for a
-    seeded random initialisation (logged as a warning).
+    ``pretrained`` is an open_clip tag (``openai``, downloaded and cached by open_clip), weights
+    on the Hugging Face Hub (``hf-hub:org/name``), a local ``.safetensors``/``.pt`` file (read with
+    ``weights_only``: no pickled code runs), or empty for a seeded random initialisation (logged as
+    a warning). An ``hf-hub:org/name`` model name brings its own weights (``pretrained`` empty).
+    Offline, weights that are not cached are one line of error at once (:mod:`clipid.models.hub`).
     """
     get_model_config(name)  # a clear error for an unknown architecture
     spec = _resolve_spec(name, pretrained, spec)
     build = {"device": device, "force_quick_gelu": spec.quick_gelu}
-    if not pretrained:
+    if is_hub_name(name):  # config and weights both from the hub repo, as open_clip does it
+        with hub_access("model.name", name):
+            model = open_clip.create_model(name, **build)
+        weights = name
+    elif is_hub_name(pretrained):
+        with hub_access("model.pretrained", name, pretrained):
+            from open_clip.pretrained import download_pretrained_from_hf
+
+            path = download_pretrained_from_hf(hub_repo(pretrained))
+        model = _from_weight_file(name, Path(path), build)
+        weights = pretrained
+    elif not pretrained:
         log.warning("model.pretrained is empty: %s starts from RANDOM weights (seed %d)",
                     name, seed)
         torch.manual_seed(seed)
@@ -143,7 +152,10 @@ def _from_tag(name: str, pretrained: str, build: dict[str, Any]) -> torch.nn.Mod
         raise ModelLoadError(f"model.pretrained: '{pretrained}' is not a pretrained tag of "
                              f"{name} (tags: {', '.join(tags) or 'none'}) nor a weight file")
     try:
-        return open_clip.create_model(name, pretrained=pretrained, **build)
+        with hub_access("model.pretrained", name, pretrained):
+            return open_clip.create_model(name, pretrained=pretrained, **build)
+    except HubUnavailable:
+        raise
     except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
         raise ModelLoadError(
             f"model.pretrained: could not get the '{pretrained}' weights of {name} (is this "
@@ -162,8 +174,11 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Cl
     # open_clip warns "initialized randomly" here; the checkpoint's weights follow at once.
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(name, pretrained=None, device=device,
-                                       force_quick_gelu=bool(spec.quick_gelu))
+        # An hf-hub: architecture: its config from the hub (cache), not its weights.
+        with hub_access("model.name", name):
+            model = open_clip.create_model(name, pretrained=None, device=device,
+                                           force_quick_gelu=bool(spec.quick_gelu),
+                                           load_weights=not is_hub_name(name))
     finally:
         logging.disable(logging.NOTSET)
     _finish(model, spec)

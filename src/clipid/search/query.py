@@ -25,7 +25,8 @@ from clipid.workspace import Workspace
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchResult", "has_text_tower", "embed_image", "embed_pil", "embed_text", "search",
-           "input_size", "load_gallery", "rank", "warn_if_stale"]
+           "gallery_image", "input_size", "load_gallery", "rank", "score_decimals",
+           "warn_if_stale"]
 
 
 @dataclass
@@ -35,10 +36,25 @@ class SearchResult:
     model: str                 # the stage whose model ranked the gallery
     backend: str
     hits: list[Hit] = field(default_factory=list)
+    excluded: str = ""         # the gallery image the query is, left out of the results
 
     def as_dict(self) -> dict:
-        return {"query": {self.kind: self.query}, "model": self.model, "backend": self.backend,
-                "results": [vars(h) for h in self.hits]}
+        out = {"query": {self.kind: self.query}, "model": self.model, "backend": self.backend,
+               "results": [vars(h) for h in self.hits]}
+        if self.excluded:
+            out["excluded"] = self.excluded
+        return out
+
+
+def score_decimals(scores: list[float], least: int = 3, most: int = 8) -> int:
+    """Decimals enough to tell apart every two neighbouring scores that differ (near-duplicate
+    photos all score ``1.000`` at three), from ``least`` to ``most``."""
+    decimals = least
+    while decimals < most and any(
+            a != b and f"{a:.{decimals}f}" == f"{b:.{decimals}f}"
+            for a, b in zip(scores, scores[1:], strict=False)):
+        decimals += 1
+    return decimals
 
 
 def has_text_tower(model: torch.nn.Module) -> bool:
@@ -135,7 +151,19 @@ def search(params: Params, *, image: Path | None = None, text: str | None = None
         query = embed_text(clip, text, model, device=device)
         gallery = load_gallery(params, clip, model, device, workspace)
     warn_if_stale(gallery, clip, model)
-    return rank(gallery, query, kind, str(image) if image is not None else text, model, top_k)
+    own = gallery_image(gallery, Path(image)) if image is not None else ""
+    return rank(gallery, query, kind, str(image) if image is not None else text, model, top_k,
+                exclude=own)
+
+
+def gallery_image(gallery: GalleryIndex, path: Path) -> str:
+    """The name results give the gallery image at ``path`` ("" if it is none): a query that is
+    a gallery image would find itself first."""
+    target = path.resolve()
+    for image in gallery.table["image"]:
+        if (gallery.root / image).resolve() == target:
+            return str(gallery.root / image)
+    return ""
 
 
 def warn_if_stale(gallery: GalleryIndex, clip: ClipModel, model: str) -> None:
@@ -145,8 +173,12 @@ def warn_if_stale(gallery: GalleryIndex, clip: ClipModel, model: str) -> None:
 
 
 def rank(gallery: GalleryIndex, query: np.ndarray, kind: str, label: str, model: str,
-         top_k: int) -> SearchResult:
+         top_k: int, exclude: str = "") -> SearchResult:
     """The ``top_k`` gallery images nearest the ``(1, D)`` query embedding; ``label`` is what
-    the result names as the query (an image path, a file name, the text)."""
-    return SearchResult(kind, label, model, gallery.info["backend"],
-                        gallery.search(query, top_k)[0])
+    the result names as the query (an image path, a file name, the text). ``exclude``: a
+    gallery image (as results name it) left out, the query's own."""
+    hits = gallery.search(query, top_k + bool(exclude))[0]
+    kept = [hit for hit in hits if hit.image != exclude][:top_k]
+    for number, hit in enumerate(kept, start=1):
+        hit.rank = number
+    return SearchResult(kind, label, model, gallery.info["backend"], kept, exclude)

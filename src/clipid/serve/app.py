@@ -58,8 +58,10 @@ async def _text_query(service: SearchService, request: Request) -> dict[str, Any
         raise QueryRejected(400, f"the body is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise QueryRejected(400, 'the JSON body is not an object like {"text": "..."}')
-    return await run_in_threadpool(service.search_text, payload.get("text"),
-                                   model=payload.get("model"), top_k=payload.get("top_k"))
+    fields = {"model": payload.get("model"), "top_k": payload.get("top_k")}
+    if "similar" in payload:  # "search with this image" on a result
+        return await run_in_threadpool(service.search_similar, payload["similar"], **fields)
+    return await run_in_threadpool(service.search_text, payload.get("text"), **fields)
 
 
 def create_app(service: SearchService) -> FastAPI:

@@ -34,6 +34,7 @@ from clipid.search.query import (
     warn_if_stale,
 )
 from clipid.serve.admission import Admission, Busy
+from clipid.stage_registry import model_stages
 from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,12 @@ class SearchService:
     models (a forward pass uses every core already: parallel ones would only fight over them)."""
 
     def __init__(self, models: dict[str, LoadedModel], default_model: dict[str, str],
-                 params: Params, device: Any = "cpu"):
+                 params: Params, device: Any = "cpu", workspace: Workspace | None = None):
         self.models = models
         self.default_model = default_model
         self.params = params
         self.device = device
+        self.workspace = workspace
         self.max_upload_bytes = int(params.serve.max_upload_mb * 2**20)
         self._lock = threading.Lock()
         serve = params.serve
@@ -75,24 +77,22 @@ class SearchService:
                                    serve.large_pixels)
         # The only files the server hands out: the loaded galleries' images, by the very
         # string a result names them with. Nothing is joined to a path a request brings.
-        self.thumbnails = {str(loaded.gallery.root / image): (loaded.gallery.root / image)
-                           .resolve() for loaded in models.values()
-                           for image in loaded.gallery.table["image"]}
+        self.thumbnails: dict[str, Path] = {}
+        for loaded in models.values():
+            self._add_thumbnails(loaded.gallery)
+
+    def _add_thumbnails(self, gallery: GalleryIndex) -> None:
+        self.thumbnails.update({str(gallery.root / image): (gallery.root / image).resolve()
+                                for image in gallery.table["image"]})
 
     @classmethod
     def load(cls, params: Params, device: Any = "cpu",
              workspace: Workspace | None = None) -> SearchService:
         """The image and text models that ``search.model`` names, with their indexes."""
         default = {"image": params.search.model.image, "text": params.search.model.text}
-        models = {}
-        for name in dict.fromkeys(default.values()):
-            clip = model_for_stage(params, name, device, workspace)
-            gallery = load_gallery(params, clip, name, device, workspace)
-            warn_if_stale(gallery, clip, name)
-            models[name] = LoadedModel(clip, gallery)
-            log.info("serve: %s model with %d gallery images (%s)", name, len(gallery.table),
-                     gallery.info["backend"])
-        return cls(models, default, params, device)
+        models = {name: _load_model(params, name, device, workspace)
+                  for name in dict.fromkeys(default.values())}
+        return cls(models, default, params, device, workspace)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "default_model": self.default_model,
@@ -104,13 +104,26 @@ class SearchService:
                                   "backend": m.gallery.info["backend"],
                                   "architecture": m.clip.architecture,
                                   "text": has_text_tower(m.clip.model)}
-                           for name, m in self.models.items()}}
+                           for name, m in self.models.items()},
+                "available": model_stages()}
 
     def _model(self, kind: str, name: str | None) -> tuple[str, LoadedModel]:
+        """A loaded model; any other stage with a model (what ``clipid search --model``
+        takes) is loaded on its first query, with its index (embedded now if it has none)."""
         name = name or self.default_model[kind]
         if name not in self.models:
-            raise QueryRejected(400, f"unknown model '{name}': this server has loaded "
-                                     f"{', '.join(self.models)}")
+            if name not in model_stages():
+                raise QueryRejected(400, f"unknown model '{name}': this server has loaded "
+                                         f"{', '.join(self.models)} and can load "
+                                         f"{', '.join(model_stages())}")
+            with self._lock:
+                if name not in self.models:
+                    try:
+                        loaded = _load_model(self.params, name, self.device, self.workspace)
+                    except ClipidError as exc:  # no checkpoint yet, say
+                        raise QueryRejected(400, f"model '{name}': {exc}") from None
+                    self._add_thumbnails(loaded.gallery)
+                    self.models[name] = loaded
         return name, self.models[name]
 
     def _top_k(self, top_k: Any) -> int:
@@ -190,9 +203,33 @@ class SearchService:
                 raise QueryRejected(400, str(exc).removeprefix("--text: ")) from None
             return rank(loaded.gallery, query, "text", text, model, k).as_dict()
 
+    def search_similar(self, image: Any, model: str | None = None,
+                       top_k: Any = None) -> dict[str, Any]:
+        """"search with this image": a gallery image (as results name it) ranks the gallery by
+        its own embedding, itself left out (the answer's ``excluded`` says so)."""
+        model, loaded = self._model("image", model)
+        k = self._top_k(top_k)
+        gallery = loaded.gallery
+        rows = [str(gallery.root / name) for name in gallery.table["image"]]
+        if not isinstance(image, str) or image not in rows:
+            raise QueryRejected(404, f"similar: {image!r} is not an image of the {model} "
+                                     "gallery")
+        query = gallery.embeddings[rows.index(image)][None, :]
+        with self._slot(0), self._lock:
+            return rank(gallery, query, "image", image, model, k, exclude=image).as_dict()
+
     def thumbnail(self, image: str) -> Path:
         path = self.thumbnails.get(image)
         if path is None:
             raise QueryRejected(404, "not an image of the loaded galleries")
         return path
 
+
+def _load_model(params: Params, name: str, device: Any,
+                workspace: Workspace | None) -> LoadedModel:
+    clip = model_for_stage(params, name, device, workspace)
+    gallery = load_gallery(params, clip, name, device, workspace)
+    warn_if_stale(gallery, clip, name)
+    log.info("serve: %s model with %d gallery images (%s)", name, len(gallery.table),
+             gallery.info["backend"])
+    return LoadedModel(clip, gallery)

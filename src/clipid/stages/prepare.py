@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clipid.checks import input_size
 from clipid.config import Params
 from clipid.data.images import ImageRejected, cache_image
 from clipid.data.sources import SPLITS, Record, SourceError, read_source
@@ -83,6 +84,7 @@ def prepare(params: Params, workspace: Workspace | None = None) -> dict:
     out_dir, metrics_path, rejected_file = (workspace.prepared, workspace.data_metrics,
                                             workspace.rejected)
     data = params.data
+    _warn_upscaling(params)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a rerun must not keep images of an earlier source
     out_dir.mkdir(parents=True)
@@ -92,48 +94,103 @@ def prepare(params: Params, workspace: Workspace | None = None) -> dict:
         records = [rec for rec in listed if not rec.excluded]
         owner = _unique_images(records)
         jobs = [(src, cached_name(src, data.cache_format)) for src in owner]
-        work = partial(_cache_one, root=root, out_dir=workspace.images, size=data.cache_size)
-        progress = dict(total=len(jobs), desc="prepare: caching images", unit="img")
-        if data.workers > 0 and len(jobs) > POOL_MIN_IMAGES:
-            with Pool(data.workers) as pool:
-                reasons = list(tqdm(pool.imap(work, jobs, chunksize=16), **progress))
-        else:
-            reasons = [work(job) for job in tqdm(jobs, **progress)]
-
-    rejected = {src: reason for (src, _), reason in zip(jobs, reasons, strict=True)
-                if reason is not None}
-    target = dict(jobs)
-    with rejected_file.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["source_image", "item_id", "reason"])
-        for rec in excluded:
-            writer.writerow([rec.path, rec.item_id, rec.excluded])
-        for src, reason in rejected.items():
-            writer.writerow([src, owner[src], reason])
+        rejected = _cache_all(jobs, root, workspace.images, data.cache_size, data.workers)
 
     kept = [rec for rec in records if rec.path not in rejected]
-    _check_usable(owner, rejected, kept, data.max_rejected_fraction, rejected_file)
-
-    with workspace.manifest.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        for rec in kept:
-            row = asdict(rec)
-            row["source_image"] = row.pop("path")
-            del row["excluded"]
-            row["image"] = f"images/{target[rec.path]}"
-            writer.writerow(row)
+    dropped: list[tuple[str, str, str]] = []
+    n_draws = 0
+    if data.drop_empty_identities:
+        kept, dropped, n_draws = _drop_empty(owner, records, kept)
+    rows = [(rec.path, rec.item_id, rec.excluded) for rec in excluded]
+    rows += [(src, owner[src], reason) for src, reason in rejected.items()]
+    _write_csv(rejected_file, ("source_image", "item_id", "reason"), rows + dropped)
+    _check_fraction(owner, rejected, data.max_rejected_fraction, rejected_file)
+    if not data.drop_empty_identities:
+        _check_identities(owner, kept, rejected_file)
+    target = dict(jobs)
+    _write_csv(workspace.manifest, MANIFEST_COLUMNS, [_manifest_row(rec, target) for rec in kept])
 
     summary = _summarise(kept, len(rejected), len(excluded), data.source)
+    summary["dropped_identities"] = sum(1 for _, _, why in dropped if why.startswith(DROPPED_ID))
+    summary["dropped_draws"] = n_draws
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info("prepared %d images (%d rejected, %d excluded) into %s",
              len(owner) - len(rejected), len(rejected), len(excluded), out_dir)
+    if dropped:
+        log.warning("data.drop_empty_identities: dropped %d identities with no usable image and "
+                    "the queries of %d identity draws with no usable gallery image (see %s)",
+                    summary["dropped_identities"], summary["dropped_draws"], rejected_file)
     return summary
 
 
-def _check_usable(owner: dict[str, str], rejected: dict[str, str], kept: list[Record],
-                  max_fraction: float, rejected_file: Path) -> None:
+def _cache_all(jobs: list[tuple[str, str]], root: Path, images: Path, size: int,
+               workers: int) -> dict[str, str]:
+    """Cache every image; source path -> why it was rejected, for the rejected ones."""
+    work = partial(_cache_one, root=root, out_dir=images, size=size)
+    progress = dict(total=len(jobs), desc="prepare: caching images", unit="img")
+    if workers > 0 and len(jobs) > POOL_MIN_IMAGES:
+        with Pool(workers) as pool:
+            reasons = list(tqdm(pool.imap(work, jobs, chunksize=16), **progress))
+    else:
+        reasons = [work(job) for job in tqdm(jobs, **progress)]
+    return {src: reason for (src, _), reason in zip(jobs, reasons, strict=True)
+            if reason is not None}
+
+
+def _manifest_row(rec: Record, target: dict[str, str]) -> tuple:
+    row = asdict(rec)
+    row["source_image"] = row.pop("path")
+    row["image"] = f"images/{target[rec.path]}"
+    return tuple(row[column] for column in MANIFEST_COLUMNS)
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: Iterable[tuple]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _warn_upscaling(params: Params) -> None:
+    """A cache smaller than the model's input is upscaled for every image it feeds: say so."""
+    size = input_size(params.model.name)
+    if size and params.data.cache_size < size:
+        log.warning("data.cache_size is %d px but %s reads %d px images: every cached image is "
+                    "upscaled for the model; set data.cache_size to %d or more",
+                    params.data.cache_size, params.model.name, size, size)
+
+
+DROPPED_ID = "identity dropped: no usable image left"
+DROPPED_DRAW = "draw dropped"
+
+
+def _drop_empty(owner: dict[str, str], records: list[Record], kept: list[Record]
+                ) -> tuple[list[Record], list[tuple[str, str, str]], int]:
+    """``data.drop_empty_identities``: the records left once the queries of every identity's draw
+    whose gallery images were all rejected are dropped (no answer to find, so they would only be
+    skipped in evaluation), one ``rejected.csv`` row per dropped identity (no image left at all)
+    and per dropped query, and the number of identity draws dropped. A gallery without queries
+    stays: it is a distractor, as the source gave it."""
+    listed = {(rec.item_id, rec.split_index) for rec in records if rec.split == "gallery"}
+    lost = listed - {(rec.item_id, rec.split_index) for rec in kept if rec.split == "gallery"}
+    left, dropped = [], []
+    for rec in kept:
+        if rec.split == "query" and (rec.item_id, rec.split_index) in lost:
+            dropped.append((rec.path, rec.item_id,
+                            f"{DROPPED_DRAW} {rec.split_index}: the identity has no usable "
+                            "gallery image in it (data.drop_empty_identities)"))
+        else:
+            left.append(rec)
+    alive = {rec.item_id for rec in left}
+    dropped += [("", item, f"{DROPPED_ID} (data.drop_empty_identities)")
+                for item in sorted(set(owner.values()) - alive)]
+    n_draws = len(lost)
+    return left, dropped, n_draws
+
+
+def _check_fraction(owner: dict[str, str], rejected: dict[str, str], max_fraction: float,
+                    rejected_file: Path) -> None:
     fraction = len(rejected) / max(1, len(owner))
     if fraction > max_fraction:
         reasons: dict[str, int] = defaultdict(int)
@@ -143,12 +200,16 @@ def _check_usable(owner: dict[str, str], rejected: dict[str, str], kept: list[Re
         raise PrepareError(
             f"{len(rejected)} of {len(owner)} images rejected ({fraction:.1%}), more than "
             f"data.max_rejected_fraction={max_fraction:.1%}: {top}. See {rejected_file}.")
+
+
+def _check_identities(owner: dict[str, str], kept: list[Record], rejected_file: Path) -> None:
     alive = {rec.item_id for rec in kept}
     lost = sorted({item for item in owner.values() if item not in alive})
     if lost:
         shown = ", ".join(lost[:10]) + (" ..." if len(lost) > 10 else "")
         raise PrepareError(f"{len(lost)} identit{'y' if len(lost) == 1 else 'ies'} left with no "
-                           f"usable image: {shown}. See {rejected_file}.")
+                           f"usable image: {shown}. See {rejected_file}; "
+                           "data.drop_empty_identities: true drops them.")
 
 
 def _summarise(kept: list[Record], n_rejected: int, n_excluded: int, source: str) -> dict:

@@ -22,7 +22,7 @@ from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["describe_clipreid", "describe_stage", "report", "report_table"]
+__all__ = ["describe_clipreid", "describe_stage", "describe_stage1", "report", "report_table"]
 
 HIT, MISS = (40, 170, 60), (210, 40, 40)
 
@@ -31,6 +31,8 @@ def describe_stage(params: Params, stage: str) -> str:
     """One line of what a stage does, built from its params (never out of date): a training
     stage's from its description (or the registry's ``describe``), another's is its title."""
     info = get_stage(stage)
+    if info.is_pretrained:
+        return describe_stage1(params)
     if info.describe is not None:
         return resolve(info.describe)(params)
     if info.kind != "train":
@@ -45,6 +47,14 @@ def describe_stage(params: Params, stage: str) -> str:
                                    ("center", spec.center_weight)) if w > 0]
     return f"{towers} tower{'s' if '+' in towers else ''}; {' + '.join(terms)}; " \
            f"{spec.sampler} sampler; from {spec.init}"
+
+
+def describe_stage1(params: Params) -> str:
+    """Stage 1 is the pretrained model only when there are weights to start from."""
+    pretrained = params.model.pretrained
+    if not pretrained:
+        return f"random weights (seed {params.train.seed}), no training"
+    return f"pretrained model ({pretrained}), no training"
 
 
 def describe_clipreid(params: Params) -> str:
@@ -133,23 +143,37 @@ def _tile(path: Path, size: int, frame: tuple[int, int, int] | None) -> Image.Im
 def _plot_examples(examples: dict[str, list[dict]], images: Path, out: Path,
                    size: int = 80) -> None:
     """One row per (query, stage): the query, then its top-k gallery images framed green for
-    the same identity and red for another."""
+    the same identity and red for another; column headers above, the colours' legend below."""
     rows = []
     for i in range(max(len(v) for v in examples.values())):
         rows += [(stage, exs[i]) for stage, exs in examples.items() if i < len(exs)]
     top_k = max(len(ex["gallery"]) for _, ex in rows)
-    label_w, gap = 70, 8
-    canvas = Image.new("RGB", (label_w + (top_k + 1) * size + gap, len(rows) * size), "white")
+    label_w, gap, band = 70, 8, 20
+    width = label_w + (top_k + 1) * size + gap
+    canvas = Image.new("RGB", (width, band + len(rows) * size + band), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), "stage", fill="black")
+    draw.text((label_w + 4, 4), "query", fill="black")
+    for c in range(top_k):
+        draw.text((label_w + gap + (c + 1) * size + 4, 4), f"rank {c + 1}", fill="black")
     for r, (stage, ex) in enumerate(rows):
-        y = r * size
+        y = band + r * size
         draw.text((4, y + size // 2 - 5), stage, fill="black")
         canvas.paste(_tile(images / ex["query"], size, None), (label_w, y))
         for c, (name, hit) in enumerate(zip(ex["gallery"], ex["hits"], strict=True)):
             canvas.paste(_tile(images / name, size, HIT if hit else MISS),
                          (label_w + gap + (c + 1) * size, y))
+    _legend(draw, canvas.height - band + 4)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
+
+
+def _legend(draw: ImageDraw.ImageDraw, y: int) -> None:
+    x = 4
+    for colour, words in ((HIT, "same identity as the query"), (MISS, "another identity")):
+        draw.rectangle([x, y, x + 11, y + 11], fill=colour)
+        draw.text((x + 16, y), words, fill="black")
+        x += 16 + int(draw.textlength(words)) + 20
 
 
 def report(params: Params, stages: list[str], workspace: Workspace | None = None) -> Path:
@@ -177,7 +201,8 @@ def report(params: Params, stages: list[str], workspace: Workspace | None = None
         "",
         "![CMC curves](report/cmc.png)",
         "",
-        "![Retrieval examples: query, then the top gallery images; green = same identity]"
+        "![Retrieval examples: query, then the top gallery images; green = same identity, "
+        "red = another]"
         "(report/examples.png)",
         "",
     ]
