@@ -51,7 +51,11 @@ def test_a_run_holds_params_metrics_tags_and_artifacts(
         run_id = tracker.run_id
     assert run_id is not None and tracker.run_id is None
     run = client(store).get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "stage2"
+    # A DVC experiment's run is named after it, under the experiment's parent run.
+    assert run.info.status == "FINISHED" and run.info.run_name == "lucky-lark/stage2"
+    parent = client(store).get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "lucky-lark"
+    assert parent.data.tags["clipid.pipeline"] == run.data.tags["clipid.pipeline"]
     assert run.data.params["train.lr"] == "1e-05"
     assert run.data.params["stage2.loss"] == "supcon"
     assert run.data.params == {k: str(v) for k, v in flatten_params(params).items()}
