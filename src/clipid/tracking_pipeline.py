@@ -78,7 +78,7 @@ def current_pipeline(root: Path) -> Pipeline | None:
         return None
     dirty = _uncommitted_digest(root)
     key = f"repro:{commit}" + (f"+{dirty}" if dirty else "")
-    return Pipeline(key, commit[:10] + (f"+{dirty}" if dirty else ""), tags)
+    return Pipeline(key, commit[:7] + (f"+{dirty}" if dirty else ""), tags)
 
 
 def ensure_parent(client: Any, experiment_id: str, key: str, label: str,
