@@ -273,8 +273,7 @@ class Tracker:
             self._go_offline(error)
             return self
         if self._resumed:  # add this stage's params (an evaluation's: eval.*) to the run's
-            self._call(self._log_batch, params=self._new_params(),
-                       tags={"clipid.eval_stage": self.stage, **self.extra_tags})
+            self._call(self._log_resumed)
         else:
             self._call(self._log_batch, params=self._record.params)
         if self.active:
@@ -310,10 +309,12 @@ class Tracker:
         self._run_id = run.info.run_id
         record.resume_run_id = record.resume_checkpoint = None  # a run of its own
 
-    def _new_params(self) -> dict[str, str]:
-        """The params the reopened run lacks (MLflow refuses to change a logged one)."""
+    def _log_resumed(self) -> None:
+        """Into a reopened run: this stage's tags and the params the run lacks (MLflow refuses
+        to change a logged one)."""
         held = self._client.get_run(self._run_id).data.params
-        return {k: v for k, v in self._record.params.items() if k not in held}
+        self._log_batch(params={k: v for k, v in self._record.params.items() if k not in held},
+                        tags={"clipid.eval_stage": self.stage, **self.extra_tags})
 
     def _experiment_id(self, record: spool.RunRecord) -> str:
         return _get_or_create_experiment(self._client, record.experiment,
