@@ -2,9 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The environment is keyed on the pinned requirements and the package metadata: a second call
-# installs nothing, a changed lock reinstalls.
-ENV_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+# Optional extras: `make env EXTRAS=team` adds requirements-team.lock (README: Team setup). The
+# choice is kept in the venv, so a later `make test` keeps it; `make env EXTRAS=` drops it.
+EXTRAS ?= $(shell cat $(VENV)/.extras 2>/dev/null)
+EXTRA_LOCKS := $(foreach extra,$(EXTRAS),requirements-$(extra).lock)
+$(foreach lock,$(EXTRA_LOCKS),$(if $(wildcard $(lock)),,$(error EXTRAS: no $(lock) (extras: team))))
+# The environment is keyed on the pinned requirements, the extras and the package metadata: a
+# second call installs nothing, a changed lock or extra reinstalls.
+ENV_HASH := $(shell (cat requirements.lock pyproject.toml $(EXTRA_LOCKS); echo "$(EXTRAS)") \
+	| sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(ENV_HASH)
 
 # DVC stages call `clipid ...`: the venv's scripts must be on PATH.
@@ -13,14 +19,17 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: env repro test lint bench ui serve lock clean-env
+.PHONY: env repro test lint bench ui serve server lock clean-env
 
 env: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.lock
+	$(foreach lock,$(EXTRA_LOCKS),$(BIN)/python -m pip install --disable-pip-version-check -q \
+		-c requirements.lock -r $(lock) &&) true
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@echo "$(EXTRAS)" > $(VENV)/.extras
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -40,8 +49,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/search.py --part hnsw
 	$(BIN)/python bench/search.py --part threads --size 4000
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/serve_hostile.py
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/tracking.py
+	$(BIN)/python bench/server.py
 
 # The MLflow UI on this repository's store (the one every stage and experiment logs to).
 UI_PORT ?= 5000
@@ -52,6 +63,19 @@ ui: $(STAMP)
 # The search web app on this repository's outputs (models/index/, data/prepared/ of `make repro`).
 serve: $(STAMP)
 	$(BIN)/clipid serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
+
+# The team's MLflow tracking server (README: Team setup); needs `make env EXTRAS=team`.
+# make server BACKEND_STORE_URI=postgresql://mlflow:PASSWORD@db:5432/mlflow \
+#             ARTIFACTS_DESTINATION=/srv/mlflow-artifacts [SERVER_HOST=0.0.0.0] [SERVER_PORT=5000]
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
+server: $(STAMP)
+	@test -n "$(BACKEND_STORE_URI)" -a -n "$(ARTIFACTS_DESTINATION)" || { echo \
+		"make server: set BACKEND_STORE_URI=postgresql://... and ARTIFACTS_DESTINATION=..." >&2; \
+		exit 2; }
+	$(BIN)/clipid server --backend-store-uri "$(BACKEND_STORE_URI)" \
+		--artifacts-destination "$(ARTIFACTS_DESTINATION)" \
+		--host $(SERVER_HOST) --port $(SERVER_PORT)
 
 # Regenerate requirements.lock from requirements.in in a scratch venv.
 lock:

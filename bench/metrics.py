@@ -13,7 +13,15 @@ timed against the plain loop transcription of the published code
 (``k_reciprocal_rerank_loop``), runs interleaved. Targets (issue 13): the same output (the same
 ranking of every query, distances within 1e-6) and >= 5x faster than the loop.
 
-``--only rank`` or ``--only rerank`` runs one of the two.
+Section ``bench/metrics: mINP and verification`` (issue 26), on the same Market-sized case:
+``rank_metrics`` (CMC, mAP and mINP) against the CMC+mAP pass alone (the pass as it was before
+mINP), and ``verification`` (TPR at FPR and EER over all 53.6M pairs, with the ROC plot's
+FPR grid as the evaluation asks) against one bare ``np.argsort(distmat, axis=1)``; runs
+interleaved, best of each, compared as ratios within the run (the machine is shared). Targets:
+mINP adds at most 10%; verification takes at most one argsort; its peak memory (tracemalloc) is
+a few row blocks, not the pairs.
+
+``--only rank``, ``--only rerank`` or ``--only figures`` runs one of the three.
 """
 
 from __future__ import annotations
@@ -27,11 +35,17 @@ import tracemalloc
 import numpy as np
 
 from clipid.metrics import (
+    REPORTED_FPRS,
+    ROC_GRID,
     evaluate_rank,
     evaluate_rank_loop,
     k_reciprocal_rerank,
     k_reciprocal_rerank_loop,
+    rank_metrics,
+    rank_metrics_loop,
+    verification,
 )
+from clipid.metrics.rank import ranked_chunks
 
 from _report import machine, write_section
 
@@ -192,15 +206,106 @@ def rerank_benchmark(rounds: int = 2) -> bool:
     return all(checks.values())
 
 
+def cmc_and_map(distmat, q_ids, g_ids, q_cams, g_cams, max_rank: int = 50):
+    """The CMC+mAP pass as ``evaluate_rank`` made it before mINP: the baseline mINP adds to."""
+    first_hits = np.zeros(max_rank + 1, dtype=np.int64)
+    aps = []
+    for chunk in ranked_chunks(distmat, q_ids, g_ids, q_cams, g_cams):
+        first_hits += np.bincount(np.minimum(chunk.first(), max_rank), minlength=max_rank + 1)
+        aps.append(chunk.average_precision())
+    valid = sum(len(a) for a in aps)
+    return np.cumsum(first_hits[:max_rank]) / valid, float(np.concatenate(aps).mean())
+
+
+def traced_peak(func) -> int:
+    """Peak of numpy's allocations (tracemalloc) while ``func`` runs."""
+    tracemalloc.start()
+    func()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak
+
+
+def interleaved(contenders: dict, rounds: int) -> dict[str, float]:
+    """Best time of each contender over ``rounds`` rounds, the order turning every round."""
+    best = dict.fromkeys(contenders, float("inf"))
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            best[name] = min(best[name], timed(contenders[name], repeat=1)[0])
+    return best
+
+
+def figures_benchmark(rounds: int = 9) -> bool:
+    load = os.getloadavg()[0]
+    args = market_like()
+    distmat = args[0]
+    fprs = sorted({*REPORTED_FPRS, *ROC_GRID})
+    best = interleaved({
+        "cmc+map": lambda: cmc_and_map(*args),
+        "rank_metrics": lambda: rank_metrics(*args),
+        "verification": lambda: verification(*args, fprs=fprs),
+        "argsort": lambda: np.argsort(distmat, axis=1),
+    }, rounds)
+    ranked = rank_metrics(*args)
+    rates = verification(*args, fprs=fprs)
+    peak, peak_ranked = (traced_peak(lambda: verification(*args, fprs=fprs)),
+                         traced_peak(lambda: rank_metrics(*args)))
+    # mINP against the loop on the first 300 queries (the loop is slow).
+    sub = (distmat[:300], args[1][:300], args[2], args[3][:300], args[4])
+    minp_sub, loop_sub = rank_metrics(*sub).mINP, rank_metrics_loop(*sub)[2]
+    minp_cost = best["rank_metrics"] / best["cmc+map"]
+    verify_cost = best["verification"] / best["argsort"]
+    checks = {
+        "mINP equals the loop transcription (300 queries, within 1e-12)":
+            abs(minp_sub - loop_sub) <= 1e-12,
+        "mINP adds at most 10% to the CMC+mAP pass": minp_cost <= 1.10,
+        "verification over all pairs takes at most one argsort of the matrix": verify_cost <= 1,
+        "verification's peak memory no more than the ranked pass's (row blocks and "
+        "histograms, never the pairs)": peak <= peak_ranked,
+    }
+    body = "\n".join([
+        f"The Market-1501-sized case above ({N_QUERY:,} x {N_GALLERY:,}, "
+        f"{distmat.size / 1e6:.1f}M pairs: {rates.positives:,} positive, {rates.negatives:,} "
+        f"negative, same-identity same-camera pairs left out). {rounds} rounds, interleaved "
+        "(the order turning every round), best of each.",
+        f"Machine: {machine()}; shared, load average {load:.1f} when the run started.",
+        "",
+        "| | time (s) | ratio |",
+        "|---|---:|---:|",
+        f"| CMC + mAP pass (before mINP) | {best['cmc+map']:.3f} | 1.00 |",
+        f"| `rank_metrics`: CMC + mAP + mINP | {best['rank_metrics']:.3f} | {minp_cost:.3f} |",
+        f"| `np.argsort(distmat, axis=1)` | {best['argsort']:.3f} | 1.00 |",
+        f"| `verification` (3 TPR@FPR, EER, {len(ROC_GRID)} ROC points) | "
+        f"{best['verification']:.3f} | {verify_cost:.3f} |",
+        "",
+        f"R1 {ranked.cmc[0]:.4f}, mAP {ranked.mAP:.4f}, mINP {ranked.mINP:.4f}; "
+        + ", ".join(f"TPR@FPR={f:.0e} {rates.tpr[f]:.4f}" for f in REPORTED_FPRS)
+        + f", EER {rates.eer:.4f}. Peak memory of `verification` (tracemalloc, numpy "
+        f"allocations): {peak / 2**20:.1f} MiB = {peak / distmat.nbytes:.3f}x the "
+        f"{distmat.nbytes / 2**20:.0f} MiB distance matrix (`rank_metrics`: "
+        f"{peak_ranked / 2**20:.1f} MiB); the pairs as fast-reid lists them (float32 scores "
+        f"and labels) would take {2 * distmat.nbytes / 2**20:.0f} MiB.",
+        "",
+        *[f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()],
+    ])
+    print(body)
+    write_section("bench/metrics: mINP and verification", body, after="bench/metrics: re-ranking")
+    return all(checks.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["rank", "rerank"], help="run one benchmark")
+    parser.add_argument("--only", choices=["rank", "rerank", "figures"],
+                        help="run one benchmark")
     args = parser.parse_args()
     ok = True
     if args.only in (None, "rank"):
         ok &= rank_benchmark()
     if args.only in (None, "rerank"):
         ok &= rerank_benchmark()
+    if args.only in (None, "figures"):
+        ok &= figures_benchmark()
     return 0 if ok else 1
 
 

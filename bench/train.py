@@ -294,7 +294,7 @@ def bare_stage2(params, batches, captions: list[str]) -> torch.nn.Module:
                               epochs * len(batches))
     trained, supcon = [p for g in groups for p in g["params"]], SupConLoss()
     for _ in range(epochs):
-        for images, labels, caption_ids in batches:
+        for images, labels, caption_ids, _cameras in batches:
             feats = F.normalize(model.encode_image(images), dim=-1)
             scale = model.logit_scale.exp().clamp(max=100)
             loss = spec.contrastive_weight * supcon(feats, text[caption_ids], labels, scale)

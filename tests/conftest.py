@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,18 @@ def draw(path: Path, seed: int, size: tuple[int, int] = (40, 30), mode: str = "R
     im.save(path)
     return path
 
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` pixels in a few bytes: a decompression bomb's
+    header (the rows never come: decoding it fails as truncated, after allocating the image)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                                0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
 
 @pytest.fixture
 def inshop_root(tmp_path: Path) -> Path:
@@ -199,7 +214,7 @@ def kill_in_second_epoch():
 # The micro pipeline of tests/test_pipeline.py built once per test session (test_reproducible,
 # test_mlflow_view): copy `first` rather than building another.
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class MicroBuild:
     origin: Path   # a bare repository holding the micro pipeline (no dvc.lock)
     cache: Path    # the DVC cache `first` filled (its run-cache too)
@@ -235,3 +250,27 @@ def micro_clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:
     if cache is not None:
         sh(dest, "dvc", "config", "--local", "cache.dir", str(cache))
     return dest
+
+
+# The team's servers (tests/_servers.py; README: Team setup), for the tests marked `team`.
+
+@dataclass(frozen=True)
+class TeamServer:
+    url: str  # MLFLOW_TRACKING_URI of `clipid server`
+    database: str  # its backend store: postgresql://... of a throwaway cluster
+    artifacts: Path  # its --artifacts-destination
+    log: Path  # its output (uvicorn's access log: one line per request, with the status)
+
+
+@pytest.fixture(scope="session")
+def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer]:
+    """PostgreSQL in a throwaway cluster and `clipid server` on it, started once per test run;
+    skips, saying why, where PostgreSQL or the team extra is missing."""
+    from _servers import postgres, tracking_server, why_no_postgres
+
+    if why := why_no_postgres():
+        pytest.skip(f"the team server needs PostgreSQL and psycopg: {why}")
+    workdir = tmp_path_factory.mktemp("team-server")
+    artifacts = workdir / "artifacts"
+    with postgres() as database, tracking_server(database, str(artifacts), workdir) as url:
+        yield TeamServer(url, database, artifacts, workdir / "mlflow-server.log")

@@ -156,3 +156,36 @@ def test_multi_line_messages_are_printed_on_one_line(tmp_path, capsys, monkeypat
 def test_search_model_naming_no_model(tmp_path, capsys, text, line, parts):
     code, err = run(tmp_path, text, capsys=capsys)
     assert_error(code, err, f"params.yaml:{line}:", *parts)
+
+
+@pytest.mark.parametrize("text, line, parts", [
+    ("model:\n  image_size: [256]\n", 2, ("'model.image_size' is [256]", "[height, width]")),
+    ("model:\n  mean: [0.5, 0.5]\n", 2, ("'model.mean' is [0.5, 0.5]", "[r, g, b]")),
+    ("model:\n  image_size: [8, 4]\n", 2, ("'model.image_size[0]' is 8", ">= 16")),
+    ("model:\n  quick_gelu: yes please\n", 2, ("'model.quick_gelu'", "'auto'")),
+    ("model:\n  embedding: both\n", 2, ("'model.embedding' is 'both'", "'concat'")),
+    ("model:\n  patch_stride: 12\n", 2, ("'model.patch_stride' (12) is above the patch size",)),
+    ("model:\n  last_stride: 1\n", 2, ("'model.last_stride' is for ResNet",)),
+    ("model:\n  name: RN50\n  sie: true\n", 3, ("'model.sie' is for ViT", "RN50 is a ResNet")),
+    ("model:\n  name: RN50\n  patch_stride: 12\n", 3, ("'model.patch_stride' is for ViT",)),
+    ("model:\n  name: RN50\n  image_size: [250, 128]\n", 3,
+     ("'model.image_size' [250, 128] is not a multiple of 32",)),
+])
+def test_model_geometry_keys(tmp_path, capsys, text, line, parts):
+    code, err = run(tmp_path, text, capsys=capsys)
+    assert_error(code, err, f"params.yaml:{line}:", *parts)
+
+
+def test_clipreid_geometry_passes(tmp_path, capsys):
+    text = ("model:\n  name: ViT-B-16\n  image_size: [256, 128]\n  patch_stride: 12\n"
+            "  mean: [0.5, 0.5, 0.5]\n  std: [0.5, 0.5, 0.5]\n  embedding: concat\n"
+            "  sie: true\n  sie_coe: 1.0\n  quick_gelu: true\n")
+    assert run(tmp_path, text, capsys=capsys) == (0, "")
+    rn = "model:\n  name: RN50\n  image_size: [256, 128]\n  last_stride: 1\n"
+    assert run(tmp_path, rn, capsys=capsys) == (0, "")
+
+
+def test_batch_augmentation_refuses_a_non_square_input(tmp_path, capsys):
+    text = "model:\n  image_size: [256, 128]\ntrain:\n  augment_device: batch\n"
+    code, err = run(tmp_path, text, capsys=capsys)
+    assert_error(code, err, "params.yaml:4:", "'train.augment_device' batch", "[256, 128]")

@@ -116,3 +116,21 @@ def test_partial_section_keeps_that_sections_defaults():
     assert params.stage4.triplet_weight == 2.0
     assert params.stage4.sampler == "pk" and params.stage4.init == "stage3"
     assert params_from_dict({"stage3": {}}).stage3.train_text is True
+
+
+@pytest.mark.parametrize(("source", "ranks"), [("inshop", (1, 10, 20, 30, 40, 50)),
+                                               ("market1501", (1, 5, 10, 20)),
+                                               ("hands11k", (1, 5, 10, 20)),
+                                               ("synthetic", (1, 5, 10, 20))])
+def test_auto_ranks_are_what_each_sources_papers_print(source, ranks):
+    assert Params().eval.reported_ranks(source) == ranks
+    given = params_from_dict({"eval": {"ranks": [1, 3]}}).eval
+    assert given.reported_ranks(source) == (1, 3)
+
+
+@pytest.mark.parametrize("value", ["[]", "[5, 1]", "[1, 1]", "[0, 3]", "most"])
+def test_bad_ranks_are_one_line_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, f"eval:\n  max_rank: 50\n  ranks: {value}\n"))
+    message = str(err.value)
+    assert "\n" not in message and "params.yaml:3" in message and "'eval.ranks" in message

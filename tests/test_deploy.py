@@ -25,11 +25,12 @@ from clipid.deploy import CHAMPION, IMAGE_MODEL, TEXT_MODEL
 from clipid.features import image_features, text_features
 from clipid.models.checkpoint import file_sha256, save_checkpoint
 from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.search.query import embed_image
 from clipid.stage_registry import get_stage
 from clipid.tracking import Tracker
 from clipid.workspace import Workspace
 
-from conftest import VENV_BIN, draw
+from conftest import VENV_BIN, draw, png_header
 
 TEXTS = ["a red striped shirt", "blue denim jeans with a long description of the fabric", "x"]
 
@@ -107,6 +108,13 @@ def test_a_training_run_logs_one_registered_pyfunc_that_embeds_like_clipid_featu
         model.predict(pd.DataFrame({"image": [encoded[0]], "text": [TEXTS[0]]}))
     with pytest.raises(Exception, match="not a readable image"):
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode()]}))
+    # The limits of `clipid serve` and `clipid search --image`, through the same decoding.
+    with pytest.raises(Exception, match="'image': the image has more than 50,000,000 pixels"):
+        model.predict(pd.DataFrame({"image": [png_header(30_000, 30_000)]}))
+    large = draw(store / "images" / "large.png", 4, (1500, 1100))
+    want = embed_image(load_model(weights), large, max_pixels=50_000_000)
+    assert np.abs(model.predict(pd.DataFrame({"image": [large.read_bytes()]})) - want).max() \
+        <= 1e-5
 
 
 def test_without_log_checkpoints_no_weights_and_no_versions(

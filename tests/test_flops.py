@@ -68,6 +68,18 @@ def test_torch_flop_counter_agrees_on_both_towers():
     assert _counted(model.encode_text, tokens) == 3 * text
 
 
+def test_non_square_input_and_overlapping_patches_agree_with_torch():
+    from clipid.models.geometry import ModelSpec, apply_geometry
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("clipid-vit-tiny", pretrained=None)
+    apply_geometry(model, ModelSpec(image_size=(96, 48), patch_stride=6))   # 15 x 7 patches
+    config = clipid.models.get_model_config("clipid-vit-tiny")
+    shape = image_tower_shape(config["vision_cfg"], 128, (96, 48), 6)
+    assert shape.patches == 15 * 7
+    assert _counted(model.encode_image, torch.randn(3, 3, 96, 48)) == 3 * tower_forward_flops(shape)
+
+
 def test_training_counts_three_forwards_for_a_trained_tower_and_one_for_a_frozen_one():
     config = clipid.models.get_model_config("clipid-vit-tiny")
     image = tower_forward_flops(image_tower_shape(config["vision_cfg"], 128))

@@ -11,6 +11,8 @@ from clipid.metrics import (
     evaluate_rank_loop,
     k_reciprocal_rerank,
     k_reciprocal_rerank_loop,
+    rank_metrics,
+    rank_metrics_loop,
     summarise,
     text_to_image,
 )
@@ -29,6 +31,56 @@ def test_hand_computed_cmc_and_ap():
     assert mean_ap == pytest.approx((0.5 + 0.7) / 2)
     assert summarise(cmc, mean_ap) == pytest.approx(
         {"R1": 0.5, "R5": 1.0, "R10": 1.0, "R20": 1.0, "mAP": 0.6})
+
+
+def test_hand_computed_minp():
+    # The first test's case: query 0's positives at ranks 2 and 4 (INP 2/4), query 1's at
+    # ranks 1 and 5 (INP 2/5). With cameras, query 0's g0 (same camera) is removed: its one
+    # positive left, g1, moves to rank 3 (INP 1/3).
+    distmat = np.array([[0.2, 0.4, 0.1, 0.3, 0.5],
+                        [0.3, 0.2, 0.9, 0.4, 0.1]])
+    q_ids, g_ids = np.array([1, 2]), np.array([1, 1, 2, 3, 2])
+    result = rank_metrics(distmat, q_ids, g_ids, max_rank=5)
+    assert result.mINP == pytest.approx((2 / 4 + 2 / 5) / 2)
+    assert result.queries == 2 and result.mAP == pytest.approx(0.6)
+    cams = rank_metrics(distmat, q_ids, g_ids, np.array([0, 0]), np.array([0, 1, 1, 1, 1]))
+    assert cams.mINP == pytest.approx((1 / 3 + 2 / 5) / 2)
+    assert summarise(result.cmc, result.mAP, (1,), minp=result.mINP) == pytest.approx(
+        {"R1": 0.5, "mAP": 0.6, "mINP": 0.45})
+
+
+def clustered_case(seed: int, ties: bool, cameras: bool, strangers: int = 3):
+    """Distances of clustered embeddings: a few images per identity, ``strangers`` queries of
+    identities the gallery lacks (no positive), optionally rounded to a few values (ties) and
+    with cameras (some positives removed with their camera)."""
+    rng = np.random.default_rng(seed)
+    n_ids, dim = int(rng.integers(3, 10)), 8
+    centres = rng.standard_normal((n_ids + strangers, dim))
+    g_ids = rng.integers(0, n_ids, int(rng.integers(5, 60)))
+    q_ids = np.concatenate([rng.integers(0, n_ids, int(rng.integers(1, 20))),
+                            n_ids + np.arange(strangers)])
+
+    def embed(ids):
+        x = centres[ids] + 0.8 * rng.standard_normal((len(ids), dim))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    distmat = 1.0 - embed(q_ids) @ embed(g_ids).T
+    if ties:
+        distmat = np.round(distmat, 1).astype(np.float32)
+    cams = (rng.integers(0, 3, len(q_ids)), rng.integers(0, 3, len(g_ids))) if cameras \
+        else (None, None)
+    return distmat, q_ids, g_ids, cams
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_minp_equals_the_loop_transcription_on_clustered_cases(seed):
+    distmat, q_ids, g_ids, cams = clustered_case(seed, ties=seed % 2 == 0, cameras=seed % 3 > 0)
+    expected = rank_metrics_loop(distmat, q_ids, g_ids, *cams, max_rank=20)
+    result = rank_metrics(distmat, q_ids, g_ids, *cams, max_rank=20)
+    np.testing.assert_array_equal(result.cmc, expected[0])
+    assert result.mAP == pytest.approx(expected[1], abs=1e-12)
+    assert result.mINP == pytest.approx(expected[2], abs=1e-12)
+    assert 0 < result.mINP <= 1
 
 
 def test_query_without_positive_is_skipped_and_all_skipped_is_an_error():
@@ -144,7 +196,8 @@ def test_text_to_image_ranks_by_similarity():
     similarity = np.array([[0.9, 0.1, 0.8],   # id 0: positives g0, g2 at ranks 1, 2: AP 1
                            [0.9, 0.2, 0.1]])  # id 1: positive g1 at rank 2: AP 0.5
     result = text_to_image(similarity, np.array([0, 1]), np.array([0, 1, 0]), ks=(1, 5))
-    assert result == pytest.approx({"R1": 0.5, "R5": 1.0, "mAP": 0.75})
+    # mINP: 2 positives, the last at rank 2 (1.0); 1 positive at rank 2 (0.5).
+    assert result == pytest.approx({"R1": 0.5, "R5": 1.0, "mAP": 0.75, "mINP": 0.75})
 
 
 def test_text_to_image_skips_captions_without_positive_and_breaks_ties_by_order():
@@ -152,7 +205,7 @@ def test_text_to_image_skips_captions_without_positive_and_breaks_ties_by_order(
                            [0.9, 0.1, 0.2]])  # "z": no gallery image: skipped
     result = text_to_image(similarity, np.array(["b", "z"]), np.array(["a", "a", "b"]),
                            ks=(1, 3))
-    assert result == pytest.approx({"R1": 0.0, "R3": 1.0, "mAP": 1 / 3})
+    assert result == pytest.approx({"R1": 0.0, "R3": 1.0, "mAP": 1 / 3, "mINP": 1 / 3})
     with pytest.raises(ValueError, match="no caption"):
         text_to_image(similarity, np.array(["y", "z"]), np.array(["a", "a", "b"]))
 

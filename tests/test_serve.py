@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +40,18 @@ from clipid.stages.prepare import prepare
 from clipid.workspace import Workspace as StageFiles  # Workspace here: the server under test
 
 from _browser import MISSING, Browser, artifacts_dir, chromium, free_port, server_process
+from conftest import png_header
 
 MAX_UPLOAD_MB = 0.05  # a 50 KB limit: a valid noise PNG of 140 x 140 (58 KB) is over it
+MAX_PIXELS = 40_000   # 200 x 200
 MICRO = {"data": {"synthetic": {"items": 12, "views": 4, "image_size": 48}, "cache_size": 32,
                   "workers": 0},
          "search": {"model": {"image": "stage1", "text": "stage1"}},
-         "serve": {"max_upload_mb": MAX_UPLOAD_MB, "max_top_k": 20}}
+         "serve": {"max_upload_mb": MAX_UPLOAD_MB, "max_top_k": 20, "max_pixels": MAX_PIXELS}}
+# The same workspace served with one slot and a one-place queue, and room for a 56 MP upload
+# whose decoding keeps that slot busy for about a second.
+BUSY = {**MICRO, "serve": {"max_upload_mb": 1, "max_pixels": 60_000_000, "max_concurrent": 1,
+                           "max_queued": 1, "queue_timeout_s": 60}}
 SERVER_START_S = 120  # torch, open_clip and the model: ~10 s on an idle 2-core machine
 TEXT = "a red striped shirt"
 
@@ -130,18 +136,6 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return out.getvalue()
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims ``width x height`` pixels in a few bytes: a decompression bomb's
-    header (the rows never come; nothing may try to decode them)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
-                                                             0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
-
-
 def library_search(ws: Workspace, monkeypatch: pytest.MonkeyPatch, **query) -> dict:
     """`clipid search --json`'s answer for the same query."""
     monkeypatch.chdir(ws.root)
@@ -200,10 +194,10 @@ def test_a_text_query_ranks_as_clipid_search_does(workspace, monkeypatch):
     ("far over max_upload_mb", lambda ws: search_image(ws, png(400, 400), "huge.png"),
      413, f"the upload is over {MAX_UPLOAD_MB} MB"),
     ("a bomb Pillow refuses", lambda ws: search_image(ws, png_header(30_000, 30_000), "b.png"),
-     413, "b.png: the image has more than 400,000,000 pixels"),
-    ("a bomb Pillow only warns about",
-     lambda ws: search_image(ws, png_header(21_000, 21_000), "w.png"),
-     413, "w.png: the image has more than 400,000,000 pixels"),
+     413, "b.png: the image has more than 40,000 pixels (serve.max_pixels)"),
+    ("a bomb only serve.max_pixels refuses",
+     lambda ws: search_image(ws, png_header(201, 200), "w.png"),
+     413, "w.png: the image has 201 x 200 pixels, more than 40,000 (serve.max_pixels)"),
     ("truncated image", lambda ws: search_image(ws, png(40, 40)[:200], "cut.png"),
      400, "cut.png: unreadable image"),
     ("empty text", lambda ws: search_text(ws, {"text": "   "}),
@@ -230,6 +224,80 @@ def test_a_bad_query_is_a_4xx_with_a_message_and_the_server_keeps_serving(
     assert workspace.proc.poll() is None, f"the server died:\n{workspace.log.read_text()}"
     ok, answer = search_text(workspace, {"text": TEXT, "top_k": 2})
     assert ok == 200 and len(answer["results"]) == 2
+
+
+def test_an_image_just_under_the_pixel_limit_is_answered(workspace):
+    ramp = np.add.outer(np.arange(200), np.arange(200)).astype(np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(np.stack([ramp] * 3, -1)).save(data, format="PNG")
+    assert MAX_PIXELS == 200 * 200 and len(data.getvalue()) < MAX_UPLOAD_MB * 2**20
+    status, answer = search_image(workspace, data.getvalue(), "ramp.png", top_k="3")
+    assert status == 200 and len(answer["results"]) == 3, answer
+
+
+def post_image(ws: Workspace, data: bytes, name: str) -> tuple[int, dict, str | None]:
+    """Status, JSON answer and Retry-After header of an image query."""
+    body, content_type = multipart({}, (name, data))
+    req = urllib.request.Request(ws.url + "/api/search", data=body,
+                                 headers={"Content-Type": content_type})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=120) as response:
+            return response.status, json.loads(response.read()), None
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), error.headers.get("Retry-After")
+
+
+def health_once(ws: Workspace) -> dict:
+    status, body = call(ws, "/api/health")
+    assert status == 200, body
+    return json.loads(body)["busy"]
+
+
+def wait_for(ws: Workspace, what: str, count: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while health_once(ws)[what] < count:
+        assert time.monotonic() < deadline, f"never {count} {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def busy_server(workspace: Workspace) -> Iterator[Workspace]:
+    """The workspace served once more with one slot and a one-place queue."""
+    (workspace.root / "busy.yaml").write_text(json.dumps(BUSY))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DVC_ROOT": str(workspace.root),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "clipid", "serve", "--params", "busy.yaml", "--port", str(port)]
+    log = workspace.root / "serve-busy.log"
+    with server_process(cmd, workspace.root, env, url + "/api/health", log,
+                        SERVER_START_S) as proc:
+        yield Workspace(workspace.root, url, log, proc, workspace.gallery)
+
+
+def test_beyond_the_queue_a_query_gets_503_with_retry_after_while_health_answers(busy_server):
+    big = io.BytesIO()
+    Image.new("RGB", (7_500, 7_500), (90, 140, 200)).save(big, format="PNG", compress_level=1)
+    answers: dict[str, tuple] = {}
+    first = threading.Thread(target=lambda: answers.update(
+        big=post_image(busy_server, big.getvalue(), "big.png")))
+    first.start()
+    wait_for(busy_server, "running", 1)  # its decoding holds the only slot
+    queued = threading.Thread(target=lambda: answers.update(
+        text=search_text(busy_server, {"text": TEXT, "top_k": 2})))
+    queued.start()
+    wait_for(busy_server, "waiting", 1)
+    # The queue overflows: the dearer of the waiting text and this upload is refused, at once.
+    status, answer, retry = post_image(busy_server, big.getvalue(), "again.png")
+    assert (status, retry) == (503, "1"), answer
+    assert answer["detail"].startswith("the server is busy (1 requests in work and 1 waiting)")
+    assert health_once(busy_server) == {"running": 1, "waiting": 1}
+    first.join(120)
+    queued.join(120)
+    assert answers["big"][0] == 200 and answers["big"][1]["query"] == {"image": "big.png"}
+    assert answers["text"][0] == 200 and len(answers["text"][1]["results"]) == 2
+    assert health_once(busy_server) == {"running": 0, "waiting": 0}
 
 
 def test_thumbnails_are_the_loaded_gallery_images_only(workspace):

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from clipid.config import ConfigError, Params, load_params, param_lines
+from clipid.config import ConfigError, ModelParams, Params, load_params, param_lines
 from clipid.stage_registry import (
     FORMER_PRETRAINED_NAMES,
     PRETRAINED,
@@ -58,7 +58,9 @@ def check_params(params: Params, source: str = "<params>",
     _check_inits(params, where)
     _check_search_models(params, where)
     _check_model(params, where)
+    _check_geometry(params, where)
     _check_batches(params, where)
+    _check_recipe(params, where)
 
 
 def stage_inits(params: Params) -> dict[str, str]:
@@ -151,6 +153,65 @@ def _check_model(params: Params, where: _Where) -> None:
                           " nor a weight file (.safetensors, .pt, .pth, .bin or a path)")
 
 
+def _vision_config(name: str) -> dict:
+    """``vision_cfg`` of an architecture, read from its JSON as :func:`architectures` does."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
+    for folder in [*folders, CLIPID_MODEL_CONFIGS]:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("vision_cfg", {})
+    return {}
+
+
+def _check_geometry(params: Params, where: _Where) -> None:
+    """``model.image_size``/``mean``/``std`` lengths and the knobs that fit only a ViT (patch
+    stride, SIE) or only a modified ResNet (last stride)."""
+    model = params.model
+    for key, length, what in (("image_size", 2, "[height, width]"), ("mean", 3, "[r, g, b]"),
+                              ("std", 3, "[r, g, b]")):
+        value = getattr(model, key)
+        if value and len(value) != length:
+            raise ConfigError(f"{where(f'model.{key}')}: 'model.{key}' is {value}; give "
+                              f"{what} or [] for the architecture's own")
+    size = model.image_size
+    if size and size[0] != size[1] and params.train.augment_device == "batch":
+        raise ConfigError(f"{where('train.augment_device')}: 'train.augment_device' batch "
+                          f"augments square images; 'model.image_size' is {size} (use loader)")
+    vision = _vision_config(model.name)
+    resnet = isinstance(vision.get("layers"), (list, tuple))
+    if resnet:
+        _check_resnet_geometry(model, where)
+    else:
+        _check_vit_geometry(model, vision, where)
+
+
+def _check_resnet_geometry(model: ModelParams, where: _Where) -> None:
+    for key, bad in (("patch_stride", model.patch_stride), ("sie", model.sie)):
+        if bad:
+            raise ConfigError(f"{where(f'model.{key}')}: 'model.{key}' is for ViT image towers; "
+                              f"{model.name} is a ResNet")
+    reduction = 32 if model.last_stride == 2 else 16
+    if any(side % reduction for side in model.image_size):
+        raise ConfigError(f"{where('model.image_size')}: 'model.image_size' {model.image_size} "
+                          f"is not a multiple of {reduction}, the feature stride of {model.name} "
+                          f"with 'model.last_stride' {model.last_stride}")
+
+
+def _check_vit_geometry(model: ModelParams, vision: dict, where: _Where) -> None:
+    if model.last_stride != 2:
+        raise ConfigError(f"{where('model.last_stride')}: 'model.last_stride' is for ResNet "
+                          f"image towers; {model.name} is a ViT (keep 2)")
+    patch = int(vision.get("patch_size", 0) or 0)
+    if patch and model.patch_stride > patch:
+        raise ConfigError(f"{where('model.patch_stride')}: 'model.patch_stride' "
+                          f"({model.patch_stride}) is above the patch size ({patch}): pixels "
+                          "between patches would be skipped")
+    if patch and any(side < patch for side in model.image_size):
+        raise ConfigError(f"{where('model.image_size')}: 'model.image_size' {model.image_size} "
+                          f"is smaller than one {patch}-pixel patch")
+
+
 def _check_batches(params: Params, where: _Where) -> None:
     train = params.train
     batch, nproc, k = train.batch_size, train.nproc, train.pk_k
@@ -165,3 +226,14 @@ def _check_batches(params: Params, where: _Where) -> None:
                           f" is not a multiple of 'train.pk_k' ({k}), as the PK sampler of "
                           f"{', '.join(pk_stages)} needs (P identities x K images per process)")
 
+
+
+def _check_recipe(params: Params, where: _Where) -> None:
+    """CLIP-ReID's knobs that only fit together one way."""
+    train = params.train
+    if list(train.milestones) != sorted(train.milestones):
+        raise ConfigError(f"{where('train.milestones')}: 'train.milestones' {train.milestones} "
+                          "must be in increasing order")
+    if train.augment.policy == "pad_crop" and train.augment_device == "batch":
+        raise ConfigError(f"{where('train.augment.policy')}: 'train.augment.policy' pad_crop "
+                          "runs in the loader only (train.augment_device: loader)")

@@ -154,6 +154,13 @@ def _serve(args: argparse.Namespace) -> None:
     serve(load_params(args.params), host=args.host, port=args.port)
 
 
+def _server(args: argparse.Namespace) -> None:
+    from clipid.tracking_server import ServerConfig, serve_tracking
+
+    serve_tracking(ServerConfig(args.backend_store_uri, args.artifacts_destination,
+                                host=args.host, port=args.port, workers=args.workers))
+
+
 def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")  # main has checked the file, as before every command
 
@@ -176,6 +183,8 @@ COMMANDS = {
               "outputs (runs, metrics, model versions, champion aliases)"),
     "export": (_export, "write a stage's towers as ONNX (default: search.model.image/.text)"),
     "serve": (_serve, "the search web app on the index stage's output (http://127.0.0.1:8000)"),
+    "server": (_server, "the team's MLflow tracking server: a database (PostgreSQL) and "
+               "proxied artifacts, one worker (README: Team setup)"),
     "check-params": (_check_params, "validate params.yaml and exit"),
     "lineage": (_lineage, "the MLflow run, experiment, DVC experiment and commit that made a "
                 "checkpoint (a file, its folder or a stage name), found by its SHA-256"),
@@ -184,6 +193,7 @@ COMMANDS = {
 }
 
 INSTANT_COMMANDS = ("fingerprint",)  # only validated key by key (config.load_params)
+PARAMLESS_COMMANDS = ("server",)  # a tracking server's machine needs no params.yaml
 
 
 def _search_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -199,13 +209,26 @@ def _search_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="PNG of the query and its results (default: search.png)")
 
 
+def _server_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--backend-store-uri", required=True,
+                     help="the database: postgresql://user:password@host:5432/mlflow")
+    cmd.add_argument("--artifacts-destination", required=True,
+                     help="where the server keeps artifacts: a folder or s3://bucket/prefix")
+    cmd.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1; 0.0.0.0 for the team's network)")
+    cmd.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    cmd.add_argument("--workers", type=int, default=1,
+                     help="uvicorn worker processes (default 1: enough for a team)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
-                         help="parameter file (default: params.yaml)")
+        if name not in PARAMLESS_COMMANDS:
+            cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
+                             help="parameter file (default: params.yaml)")
         if name == "train":
             cmd.add_argument("stage", choices=trained_stages(), help="the stage")
         if name == "evaluate":
@@ -228,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "stage2")
         if name == "tracking":
             cmd.add_argument("action", choices=("status", "sync"))
+        if name == "server":
+            _server_arguments(cmd)
         if name == "serve":
             cmd.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
             cmd.add_argument("--port", type=int, help="port (default: serve.port)")
@@ -243,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         # fingerprint: it runs on every `dvc repro` and reads no data, only its listing, so it
         # must stay instant (the checks import open_clip for a pretrained tag); prepare, the
         # stage right after it, checks the file before it reads anything.
-        if args.command not in INSTANT_COMMANDS:
+        if args.command not in INSTANT_COMMANDS + PARAMLESS_COMMANDS:
             load_checked_params(args.params)
         args.func(args)
     except ClipidError as exc:

@@ -102,6 +102,21 @@ class CaptionParams:
 class ModelParams:
     name: str = "clipid-vit-tiny"
     pretrained: str = ""
+    quick_gelu: bool | Literal["auto"] = "auto"   # auto: as open_clip marks the pretrained tag
+    image_size: list[int] = _spec([], ge=16, le=4096)  # [height, width]; []: the architecture's
+    patch_stride: int = _spec(0, ge=0, le=64)      # ViT patch stride; 0: the patch size
+    last_stride: int = _spec(2, ge=1, le=2)        # modified ResNet: layer4's stride
+    mean: list[float] = _spec([], ge=0, le=1)      # [r, g, b]; []: the architecture's
+    std: list[float] = _spec([], gt=0, le=1)
+    embedding: Literal["proj", "concat"] = "proj"  # the image feature every consumer embeds with
+    sie: bool = False                              # learnt camera embedding (ViT)
+    sie_coe: float = _spec(1.0, ge=0)              # its coefficient
+
+
+# The R@K each source's papers print (eval.ranks: auto): DeepFashion In-shop's Recall@1..50,
+# the re-id and hand-biometrics tables' Rank-1/5/10/20 (also synthetic's and a manifest's).
+SOURCE_RANKS = {"inshop": (1, 10, 20, 30, 40, 50)}
+DEFAULT_RANKS = (1, 5, 10, 20)
 
 
 @dataclass(frozen=True)
@@ -110,11 +125,30 @@ class EvalParams:
     workers: int = _spec(0, ge=0)
     flip: bool = False
     max_rank: int = _spec(50, ge=1)
+    ranks: list[int] | Literal["auto"] = _spec("auto", ge=1)
+    verification: bool = True
+    aqe: bool = False
+    aqe_k: int = _spec(5, ge=1)
+    aqe_alpha: float = _spec(3.0, ge=0)
     rerank: bool = False
     rerank_k1: int = _spec(20, ge=1)
     rerank_k2: int = _spec(6, ge=1)
     rerank_lambda: float = _spec(0.3, ge=0, le=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    def reported_ranks(self, source: str = "") -> tuple[int, ...]:
+        """The K of the reported R@K: ``ranks``, or with ``auto`` what ``source``'s papers
+        print."""
+        if self.ranks == "auto":
+            return SOURCE_RANKS.get(source, DEFAULT_RANKS)
+        return tuple(self.ranks)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(key, what is wrong)`` beyond each value's type and range."""
+        if self.ranks != "auto" and (not self.ranks or sorted(set(self.ranks)) != self.ranks):
+            return [("ranks", f"is {self.ranks!r}; give 'auto' or ranks in increasing order, "
+                              "each once, e.g. [1, 5, 10, 20]")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -122,6 +156,8 @@ class AugmentParams:
     flip: bool = True
     crop_scale: float = _spec(0.7, gt=0, le=1)
     random_erasing: float = _spec(0.25, ge=0, le=1)
+    policy: Literal["resized_crop", "pad_crop"] = "resized_crop"
+    padding: int = _spec(10, ge=0)
 
 
 @dataclass(frozen=True)
@@ -148,6 +184,14 @@ class TrainParams:
     augment_device: Literal["loader", "batch"] = "loader"
     image_cache: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
+    pk_epoch: Literal["identities", "instances"] = "identities"
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    bias_lr_factor: float = _spec(1.0, gt=0)
+    weight_decay_bias: float = _spec(0.0, ge=0)
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: list[int] = _spec([30, 50], ge=1)
+    gamma: float = _spec(0.1, gt=0, le=1)
+    warmup_factor: float = _spec(0.1, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -166,6 +210,7 @@ class StageParams:
     epochs: int = _spec(0, ge=0)
     lr_mult: float = _spec(1.0, gt=0)
     text_lr_mult: float = _spec(1.0, gt=0)
+    identity_losses: Literal["clipid", "paper"] = "clipid"
 
     @property
     def contrastive(self) -> bool:
@@ -189,6 +234,10 @@ class ClipReidParams:
     prompt_lr: float = _spec(5e-3, gt=0, le=1)
     prompt_weight_decay: float = _spec(1e-4, ge=0)
     prompt_warmup_epochs: float = _spec(2.0, ge=0)
+    prompt_warmup_lr: float = _spec(0.0, ge=0)
+    prompt_lr_min: float = _spec(0.0, ge=0)
+    prompt_schedule_unit: Literal["step", "epoch"] = "step"
+    losses: Literal["clipid", "paper"] = "clipid"
     epochs: int = _spec(0, ge=0)
     lr_mult: float = _spec(1.0, gt=0)
     i2t_weight: float = _spec(1.0, ge=0)
@@ -203,7 +252,8 @@ class ClipReidParams:
         return StageParams(init=self.init, train_image=True, train_text=False, loss="none",
                            contrastive_weight=0.0, id_weight=self.id_weight,
                            triplet_weight=self.triplet_weight, center_weight=self.center_weight,
-                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult)
+                           sampler="pk", epochs=self.epochs, lr_mult=self.lr_mult,
+                           identity_losses=self.losses)
 
 
 # The models a gallery can be indexed with: a stage with a model (Stage 1 is the pretrained
@@ -250,6 +300,13 @@ class ServeParams:
     port: int = _spec(8000, ge=1, le=65535)
     max_upload_mb: float = _spec(10.0, gt=0)    # larger query images are refused (413)
     max_top_k: int = _spec(100, ge=1)           # most results one request may ask for
+    # larger images (by their header) refused (413); Pillow itself opens none over twice its
+    # default MAX_IMAGE_PIXELS
+    max_pixels: int = _spec(50_000_000, ge=1, le=178_956_970)
+    max_concurrent: int = _spec(2, ge=1)        # decodes/embeddings in flight at once
+    max_queued: int = _spec(8, ge=0)            # waiting behind them; more: 503 + Retry-After
+    large_pixels: int = _spec(16_000_000, ge=1)  # larger uploads: max_concurrent - 1 at once
+    queue_timeout_s: float = _spec(10.0, gt=0)  # longest wait in that queue before a 503
 
 
 @dataclass(frozen=True)
@@ -356,7 +413,7 @@ def _default(fld: dataclasses.Field) -> Any:
 
 
 def _where(source: str, lines: dict[str, int], key: str) -> str:
-    line = lines.get(key)
+    line = lines.get(key) or lines.get(key.split("[")[0])   # a list item: its key's line
     return f"{source}:{line}" if line else source
 
 
@@ -378,7 +435,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int],
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"{_where(source, lines, dotted)}: unknown key '{dotted}'{hint}")
         kwargs[key] = _convert(hints[key], fields[key], value, dotted, source, lines)
-    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    built = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    for key, problem in getattr(built, "problems", list)():  # checks across a section's keys
+        raise ConfigError(f"{_where(source, lines, prefix + key)}: '{prefix}{key}' {problem}")
+    return built
 
 
 def _convert(tp: Any, fld: dataclasses.Field, value: Any, key: str, source: str,

@@ -17,13 +17,18 @@ from clipid.config import EvalParams
 from clipid.data.dataset import PreparedData
 from clipid.features import image_features, text_features
 from clipid.metrics import (
+    REPORTED_FPRS,
+    ROC_GRID,
     aggregate_draws,
-    evaluate_rank,
+    average_query_expansion,
     k_reciprocal_rerank,
+    rank_metrics,
     summarise,
     text_to_image,
+    verification,
 )
 from clipid.models.factory import ClipModel
+from clipid.models.visual import text_space
 from clipid.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ class EvalResult:
     metrics: dict[str, Any]   # {"i2i": {...}, "t2i": {...}, "queries": N, "draws": D}
     cmc: np.ndarray           # image-to-image CMC, averaged over draws
     examples: list[dict[str, Any]] = field(default_factory=list)  # ranked lists for the report
+    roc: np.ndarray | None = None  # image-to-image TPR at each FPR of ROC_GRID, over draws
 
 
 def _examples(dist: np.ndarray, q: Any, g: Any, count: int, top_k: int) -> list[dict[str, Any]]:
@@ -50,9 +56,6 @@ def _examples(dist: np.ndarray, q: Any, g: Any, count: int, top_k: int) -> list[
                     "gallery": [str(x) for x in g_images[order]],
                     "hits": [bool(x) for x in g_ids[order] == q["item_id"].iloc[i]]})
     return out
-
-
-REPORTED_RANKS = (1, 5, 10, 20)  # CMC R@K in every metrics block
 
 
 def _canonical(rows: pd.DataFrame) -> pd.DataFrame:
@@ -103,16 +106,26 @@ def _caption_features(clip: ClipModel, data: PreparedData, test: pd.DataFrame,
     return {image: by_caption[c] for image, c in zip(queries["image"], captions, strict=True)}
 
 
-def _score_draw(q: pd.DataFrame, g: pd.DataFrame, qf: np.ndarray, gf: np.ndarray,
-                caption_feats: dict[str, np.ndarray], params: EvalParams
-                ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """``(metrics, cmc, distances)`` of one query/gallery draw (rows in canonical order)."""
+def _image_distances(qf: np.ndarray, gf: np.ndarray, params: EvalParams) -> np.ndarray:
+    """Image-to-image distances: cosine, after average query expansion (``eval.aqe``) and then
+    k-reciprocal re-ranking (``eval.rerank``), in fast-reid's order."""
+    if params.aqe:
+        qf, gf = average_query_expansion(qf, gf, k=params.aqe_k, alpha=params.aqe_alpha)
+        qf = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+        gf = gf / np.linalg.norm(gf, axis=1, keepdims=True)
     if params.rerank:
-        dist = k_reciprocal_rerank(_euclidean(qf, gf), _euclidean(qf, qf), _euclidean(gf, gf),
+        return k_reciprocal_rerank(_euclidean(qf, gf), _euclidean(qf, qf), _euclidean(gf, gf),
                                    k1=params.rerank_k1, k2=params.rerank_k2,
                                    lambda_value=params.rerank_lambda)
-    else:
-        dist = 1.0 - qf @ gf.T
+    return 1.0 - qf @ gf.T
+
+
+def _score_draw(q: pd.DataFrame, g: pd.DataFrame, qf: np.ndarray, gf: np.ndarray,
+                caption_feats: dict[str, np.ndarray], params: EvalParams
+                ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(metrics, cmc, distances, roc)`` of one query/gallery draw (rows in canonical order);
+    ``roc``: TPR at each FPR of ``ROC_GRID`` (None without ``eval.verification``)."""
+    dist = _image_distances(qf, gf, params)
     q_ids, g_ids = q["item_id"].to_numpy(), g["item_id"].to_numpy()
     q_cams, g_cams = _cameras(q, g)
     skipped = _without_positive(q_ids, g_ids, q_cams, g_cams)
@@ -120,14 +133,23 @@ def _score_draw(q: pd.DataFrame, g: pd.DataFrame, qf: np.ndarray, gf: np.ndarray
         log.warning("%d of %d queries have no gallery image of their identity (after removing "
                     "same-camera ones) and are left out of the image-to-image metrics",
                     skipped, len(q))
-    cmc, mean_ap = evaluate_rank(dist, q_ids, g_ids, q_cams, g_cams,
-                                 max_rank=max(params.max_rank, *REPORTED_RANKS))
-    result: dict[str, Any] = {"i2i": summarise(cmc, mean_ap, REPORTED_RANKS),
-                              "queries": len(q), "gallery": len(g)}
+    ranks = params.reported_ranks()
+    ranked = rank_metrics(dist, q_ids, g_ids, q_cams, g_cams,
+                          max_rank=max(params.max_rank, *ranks))
+    i2i = summarise(ranked.cmc, ranked.mAP, ranks, minp=ranked.mINP)
+    roc = None
+    if params.verification:
+        rates = verification(dist, q_ids, g_ids, q_cams, g_cams,
+                             fprs=sorted({*REPORTED_FPRS, *ROC_GRID}))
+        i2i.update(rates.summary())
+        roc = np.array([rates.tpr[f] for f in ROC_GRID])
+    result: dict[str, Any] = {"i2i": i2i, "queries": len(q), "gallery": len(g)}
     if caption_feats:
         tf = np.stack([caption_feats[p] for p in q["image"]])
-        result["t2i"] = text_to_image(tf @ gf.T, q_ids, g_ids, ks=REPORTED_RANKS)
-    return result, cmc[: params.max_rank], dist
+        # Texts meet a concat embedding's projected part (CLIP's own space).
+        gt = text_space(gf, tf.shape[1])
+        result["t2i"] = text_to_image(tf @ gt.T, q_ids, g_ids, ks=ranks)
+    return result, ranked.cmc[: params.max_rank], dist, roc
 
 
 def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
@@ -146,22 +168,26 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     position = {image: i for i, image in enumerate(images)}
     device = torch.device(device)
     dtype = resolve_precision(params.precision, device, "eval.precision")
+    # With SIE, each test image gets its camera's embedding, as in CLIP-ReID's test pass.
+    cameras = clip.spec.camera_indices(
+        test.drop_duplicates("image").set_index("image").loc[images, "camera"].tolist())
     feats = image_features(clip.model, [data.root / p for p in images], clip.preprocess_val,
                            batch_size=params.batch_size, workers=params.workers, flip=params.flip,
-                           device=device, dtype=dtype, shard=True)
+                           device=device, dtype=dtype, shard=True, cameras=cameras)
     if feats is None:
         return None
     feats = feats.numpy()
     caption_feats = _caption_features(clip, data, test, params, device, dtype)
 
-    per_draw, cmcs, ranked = [], [], []
+    per_draw, cmcs, rocs, ranked = [], [], [], []
     for draw in data.draws:
         q, g = _canonical(data.rows("query", draw)), _canonical(data.rows("gallery", draw))
         qf = feats[[position[p] for p in q["image"]]]
         gf = feats[[position[p] for p in g["image"]]]
-        result, cmc, dist = _score_draw(q, g, qf, gf, caption_feats, params)
+        result, cmc, dist, roc = _score_draw(q, g, qf, gf, caption_feats, params)
         per_draw.append(result)
         cmcs.append(cmc)
+        rocs.append(roc)
         if not ranked:
             ranked = _examples(dist, q, g, examples, top_k)
 
@@ -173,18 +199,28 @@ def evaluate(clip: ClipModel, data: PreparedData, params: EvalParams,
     metrics["gallery"] = per_draw[0]["gallery"]
     metrics["draws"] = len(per_draw)
     length = min(len(c) for c in cmcs)
-    return EvalResult(metrics, np.mean([c[:length] for c in cmcs], axis=0), ranked)
+    roc = None if rocs[0] is None else np.mean(rocs, axis=0)  # vertical averaging over draws
+    return EvalResult(metrics, np.mean([c[:length] for c in cmcs], axis=0), ranked, roc)
 
 
 def write_results(result: EvalResult, metrics_path: Path, cmc_path: Path,
-                  extra: dict[str, Any] | None = None, examples_path: Path | None = None) -> None:
-    """``metrics/<stage>.json``, the CMC curve as a DVC plot file and the ranked examples."""
+                  extra: dict[str, Any] | None = None, examples_path: Path | None = None,
+                  roc_path: Path | None = None) -> None:
+    """``metrics/<stage>.json``, the CMC and ROC curves as DVC plot files and the ranked
+    examples. The ROC file is written always (DVC plot outputs must exist): without
+    ``eval.verification`` it holds no points."""
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     content = {**result.metrics, **(extra or {})}
     metrics_path.write_text(json.dumps(_rounded(content), indent=2) + "\n", encoding="utf-8")
     cmc_path.parent.mkdir(parents=True, exist_ok=True)
     curve = [{"rank": i + 1, "cmc": round(float(v), 6)} for i, v in enumerate(result.cmc)]
     cmc_path.write_text(json.dumps(curve, indent=1) + "\n", encoding="utf-8")
+    if roc_path is not None:
+        roc_path.parent.mkdir(parents=True, exist_ok=True)
+        points = [] if result.roc is None else [
+            {"fpr": f, "tpr": round(float(t), 6)} for f, t in zip(ROC_GRID, result.roc,
+                                                                 strict=True)]
+        roc_path.write_text(json.dumps(points, indent=1) + "\n", encoding="utf-8")
     if examples_path is not None:
         examples_path.parent.mkdir(parents=True, exist_ok=True)
         examples_path.write_text(json.dumps(result.examples, indent=1) + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipid.data.dataset import ImageDataset
+from clipid.models.visual import image_embedding
 from clipid.runtime import autocast
 
 __all__ = ["image_features", "text_features"]
@@ -27,10 +28,16 @@ def _world() -> tuple[int, int]:
 def image_features(model: torch.nn.Module, paths: list[Path], transform: Callable, *,
                    batch_size: int = 64, workers: int = 0, flip: bool = False,
                    device: str | torch.device = "cpu", desc: str = "image features",
-                   dtype: torch.dtype = torch.float32, shard: bool = False
+                   dtype: torch.dtype = torch.float32, shard: bool = False,
+                   cameras: torch.Tensor | None = None, embedding: str | None = None,
+                   normalize: bool = True
                    ) -> torch.Tensor | None:
-    """``(N, D)`` float32 unit vectors; with ``flip`` the embedding of the image and of its mirror
-    are averaged before normalising. A half ``dtype`` runs the model under autocast (CUDA).
+    """``(N, D)`` float32 unit vectors of :func:`~clipid.models.visual.image_embedding`; with
+    ``flip`` the embedding of the image and of its mirror are averaged before normalising. A half
+    ``dtype`` runs the model under autocast (CUDA). ``cameras`` (``(N,)`` SIE rows, aligned with
+    ``paths``) feed a model with a camera embedding; ``embedding`` overrides the model's
+    ``proj | concat`` choice. ``normalize=False`` keeps the raw features (CLIP-ReID's prompt
+    stage reads those).
 
     With ``shard`` in a process group of W ranks, rank r embeds batches r, r + W, ... (the very
     batches of a single-process run, so every row has the same bits) and rank 0 gathers them
@@ -46,13 +53,15 @@ def image_features(model: torch.nn.Module, paths: list[Path], transform: Callabl
     was_training = model.training
     model.eval()
     chunks = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=rank != 0):
+    for images, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=rank != 0):
         images = images.to(device, non_blocking=True)
+        batch_cameras = None if cameras is None else cameras[index]
         with autocast(device, dtype):
-            feats = model.encode_image(images).float()
+            feats = image_embedding(model, images, batch_cameras, embedding).float()
             if flip:
-                feats = feats + model.encode_image(torch.flip(images, dims=[3])).float()
-        chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+                mirrored = torch.flip(images, dims=[3])
+                feats = feats + image_embedding(model, mirrored, batch_cameras, embedding).float()
+        chunks.append((F.normalize(feats.float(), dim=-1) if normalize else feats.float()).cpu())
     model.train(was_training)
     if world > 1:
         chunks = _gather_batches(chunks, rank, world)

@@ -58,16 +58,21 @@ class TowerShape:
     patches: int = 0     # image tower: patches embedded by the patch convolution
 
 
-def image_tower_shape(vision_cfg: dict, embed_dim: int) -> TowerShape:
-    """The open_clip ``VisionTransformer`` that ``vision_cfg`` describes (class-token pooling)."""
+def image_tower_shape(vision_cfg: dict, embed_dim: int,
+                      image_size: tuple[int, int] | None = None,
+                      patch_stride: int = 0) -> TowerShape:
+    """The open_clip ``VisionTransformer`` that ``vision_cfg`` describes (class-token pooling),
+    at ``image_size`` (height, width; default the config's) with patches every ``patch_stride``
+    pixels (``model.patch_stride``; 0: the patch size)."""
     patch = vision_cfg.get("patch_size")
     if not patch or isinstance(vision_cfg.get("layers"), (list, tuple)):
         raise ClipidError("analytic FLOPs cover ViT image towers only (not ResNets)")
     if vision_cfg.get("attentional_pool") or vision_cfg.get("timm_model_name"):
         raise ClipidError("analytic FLOPs do not cover attentional pooling or timm towers")
-    size = vision_cfg["image_size"]
+    size = image_size or vision_cfg["image_size"]
     h, w = (size, size) if isinstance(size, int) else size
-    patches = (h // patch) * (w // patch)
+    step = patch_stride or patch
+    patches = ((h - patch) // step + 1) * ((w - patch) // step + 1)
     width = int(vision_cfg["width"])
     return TowerShape(tokens=patches + 1, width=width, layers=int(vision_cfg["layers"]),
                       mlp_width=int(width * vision_cfg.get("mlp_ratio", 4.0)),
@@ -96,20 +101,22 @@ def tower_forward_flops(shape: TowerShape) -> int:
     return patch_embed + shape.layers * per_layer + 2 * d * shape.out_dim
 
 
-def _shapes(model_name: str) -> tuple[TowerShape, TowerShape | None]:
+def _shapes(model_name: str, image_size: tuple[int, int] | None = None,
+            patch_stride: int = 0) -> tuple[TowerShape, TowerShape | None]:
     config = get_model_config(model_name)
     embed = int(config["embed_dim"])
     text = config.get("text_cfg")
-    return (image_tower_shape(config["vision_cfg"], embed),
+    return (image_tower_shape(config["vision_cfg"], embed, image_size, patch_stride),
             text_tower_shape(text, embed) if text else None)
 
 
 def train_step_flops(model_name: str, batch: int, *, train_image: bool = True,
-                     train_text: bool = False, text_forward: bool = False) -> int:
+                     train_text: bool = False, text_forward: bool = False,
+                     image_size: tuple[int, int] | None = None, patch_stride: int = 0) -> int:
     """Model FLOPs of one step of ``batch`` images (and ``batch`` captions when the text tower
     runs: ``train_text``, or ``text_forward`` for a frozen tower run every step). A trained tower
-    counts three forwards, a frozen one one."""
-    image, text = _shapes(model_name)
+    counts three forwards, a frozen one one. ``image_size``/``patch_stride``: ``model.*``'s."""
+    image, text = _shapes(model_name, image_size, patch_stride)
     flops = (3 if train_image else 1) * tower_forward_flops(image)
     if (train_text or text_forward) and text is not None:
         flops += (3 if train_text else 1) * tower_forward_flops(text)

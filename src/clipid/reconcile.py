@@ -161,8 +161,9 @@ def _stage_view(info: StageInfo, flat: dict[str, str], params: Params, workspace
     if info.has_model and metrics_path.is_file():
         view.metrics = eval_metrics(json.loads(metrics_path.read_text(encoding="utf-8")))
         for path, folder in ((metrics_path, "eval"), (workspace.stage_cmc(info.name), "eval/cmc"),
+                             (workspace.stage_roc(info.name), "eval/roc"),
                              (workspace.stage_examples(info.name), "eval/examples")):
-            view.add_artifact(path, folder)
+            view.add_artifact(path, folder)  # as the evaluation logs them (ROC: when written)
     return view
 
 

@@ -95,6 +95,9 @@ class Workspace:
     def stage_cmc(self, stage: str) -> Path:
         return self.metrics / "cmc" / f"{stage}.json"
 
+    def stage_roc(self, stage: str) -> Path:
+        return self.metrics / "roc" / f"{stage}.json"
+
     def stage_examples(self, stage: str) -> Path:
         return self.metrics / "examples" / f"{stage}.json"
 

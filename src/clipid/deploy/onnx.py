@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from clipid.deploy.preprocessing import model_card
 from clipid.models.factory import ClipModel
+from clipid.models.visual import image_embedding
 
 __all__ = ["OPSET", "ImageEncoder", "TextEncoder", "export_model"]
 
@@ -33,7 +34,7 @@ class ImageEncoder(torch.nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(image).float(), dim=-1)
+        return F.normalize(image_embedding(self.model, image).float(), dim=-1)
 
 
 class TextEncoder(torch.nn.Module):

@@ -6,7 +6,9 @@ from the project's environment with ``--env-manager local`` and installs nothing
 
 Input: a DataFrame with an ``image`` column (image file bytes, raw or base64) and/or a ``text``
 column; each row fills exactly one (the other empty or missing). Output: one L2-normalised
-float32 embedding per row, the same numbers ``clipid.features`` gives.
+float32 embedding per row, the same numbers ``clipid.features`` gives. Images are decoded as
+``clipid serve`` decodes an upload (:func:`clipid.data.images.decode_rgb`): refused over
+``serve.max_pixels``'s default by their header, decoded no larger than the model needs.
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
+from clipid.config import ServeParams
+from clipid.data.images import (
+    ImageRejected,
+    ImageTooLarge,
+    decode_rgb,
+    return_large_images_to_the_os,
+)
 from clipid.deploy.preprocessing import image_transform, model_card
 from clipid.errors import ClipidError
 from clipid.models.checkpoint import file_sha256, save_checkpoint
 from clipid.models.factory import ClipModel
+from clipid.models.visual import image_embedding
 
 try:  # mlflow is a dependency, but importing it costs seconds: only the pyfunc needs it
     from mlflow.pyfunc import PythonModel
@@ -42,6 +52,7 @@ __all__ = ["ARTIFACT_PATH", "ClipidEmbedder", "save_pyfunc", "weights_file"]
 ARTIFACT_PATH = "model"          # the MLflow Model's folder in its run's artifacts
 WEIGHTS = "model.safetensors"
 BATCH = 64                       # rows per forward pass
+MAX_PIXELS = ServeParams().max_pixels  # served outside the project: serve.max_pixels's default
 
 
 def weights_file(clip: ClipModel, folder: Path) -> Path:
@@ -56,18 +67,19 @@ def weights_file(clip: ClipModel, folder: Path) -> Path:
                                                           sort_keys=True, default=str) + "\n")
         return target
     return save_checkpoint(clip.model.state_dict(), target,
-                           {"architecture": clip.architecture, "weights": clip.weights})
+                           {**clip.sidecar(), "weights": clip.weights})
 
 
-def _image(value: Any) -> Image.Image:
+def _image(value: Any, need: Any) -> Image.Image:
     raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     with contextlib.suppress(binascii.Error, ValueError):  # raw image bytes are never base64
         raw = base64.b64decode(b"".join(raw.split()), validate=True)  # MIME base64 has newlines
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoder error is a bad request
+        return decode_rgb(io.BytesIO(raw), max_pixels=MAX_PIXELS, need=need)
+    except ImageTooLarge as exc:
+        raise ClipidError(f"column 'image': {exc} (the default of clipid's serve.max_pixels)") \
+            from None
+    except ImageRejected as exc:
         raise ClipidError(f"column 'image': not a readable image ({exc})") from None
 
 
@@ -83,6 +95,7 @@ class ClipidEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         from clipid.models.factory import load_model
 
+        return_large_images_to_the_os()
         folder = Path(context.artifacts["clip"])
         self.card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
         self.clip = load_model(folder / WEIGHTS)
@@ -106,7 +119,10 @@ class ClipidEmbedder(PythonModel):
         if image_rows:
             out[image_rows] = self.embed_images([images[i] for i in image_rows])
         if text_rows:
-            out[text_rows] = self.embed_texts([str(texts[i]) for i in text_rows])
+            embedded = self.embed_texts([str(texts[i]) for i in text_rows])
+            # A concat model's texts fill the projected part's place (the zeros before it
+            # never score): texts meet images in CLIP's own space.
+            out[text_rows, out.shape[1] - embedded.shape[1]:] = embedded
         return out
 
     @torch.inference_mode()
@@ -114,8 +130,9 @@ class ClipidEmbedder(PythonModel):
         model = self.clip.model.eval()
         chunks = []
         for start in range(0, len(values), BATCH):
-            batch = torch.stack([self.transform(_image(v)) for v in values[start:start + BATCH]])
-            chunks.append(F.normalize(model.encode_image(batch).float(), dim=-1).numpy())
+            batch = torch.stack([self.transform(_image(v, self.card["preprocess"]["size"]))
+                                 for v in values[start:start + BATCH]])
+            chunks.append(F.normalize(image_embedding(model, batch).float(), dim=-1).numpy())
         return np.concatenate(chunks)
 
     @torch.inference_mode()

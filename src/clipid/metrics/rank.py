@@ -1,4 +1,4 @@
-"""Re-identification ranking metrics: CMC and mAP (Market-1501 protocol).
+"""Re-identification ranking metrics: CMC, mAP (Market-1501 protocol) and mINP (Ye et al.).
 
 No argsort: CMC and AP only need, for each query, the rank of each of its few positives. That
 rank is the number of negatives closer than the positive (a binary search in the row's sorted
@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["ChunkRanks", "evaluate_rank", "positive_ranks", "ranked_chunks", "summarise"]
+__all__ = ["ChunkRanks", "RankMetrics", "evaluate_rank", "positive_ranks", "rank_metrics",
+           "ranked_chunks", "summarise"]
 
 
 class ChunkRanks(NamedTuple):
@@ -37,6 +38,11 @@ class ChunkRanks(NamedTuple):
         owner = np.repeat(np.arange(len(counts)), counts)
         hits_so_far = np.arange(len(self.ranks)) - self.starts[owner] + 1
         return np.bincount(owner, hits_so_far / (self.ranks + 1), len(counts)) / counts
+
+    def inverse_negative_penalty(self) -> np.ndarray:
+        """INP of each query (Ye et al., TPAMI 2021): its number of positives over the rank
+        (1-based) of its hardest, i.e. last, positive."""
+        return np.diff(self.starts) / (self.ranks[self.starts[1:] - 1] + 1)
 
 
 def _codes(q_ids: np.ndarray, g_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +75,29 @@ def _ragged(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.arange(lengths.sum()) - np.repeat(offsets - lo, lengths)
 
 
+class SameIdentity(NamedTuple):
+    """Gallery indices grouped by identity (ascending within a group): query ``i``'s
+    same-identity entries are ``by_code[lo[i]:hi[i]]``, found without scanning its row."""
+
+    by_code: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def of(cls, q_ids: np.ndarray, g_ids: np.ndarray) -> SameIdentity:
+        q_codes, g_codes = _codes(q_ids, g_ids)
+        by_code = np.argsort(g_codes, kind="stable")
+        ordered = g_codes[by_code]
+        return cls(by_code, np.searchsorted(ordered, q_codes, side="left"),
+                   np.searchsorted(ordered, q_codes, side="right"))
+
+    def entries(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, columns)`` of the same-identity entries of queries ``start:stop``, rows
+        relative to ``start``, row-major, columns ascending within a row."""
+        lo, hi = self.lo[start:stop], self.hi[start:stop]
+        return np.repeat(np.arange(stop - start), hi - lo), self.by_code[_ragged(lo, hi)]
+
+
 def ranked_chunks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
                   q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
                   chunk_elements: int = 1 << 22) -> Iterator[ChunkRanks]:
@@ -77,22 +106,16 @@ def ranked_chunks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     the query's identity and camera. Queries with no positive left are left out."""
     distmat = np.asarray(distmat)
     _check(distmat, q_ids, g_ids, q_cams, g_cams)
-    q_codes, g_codes = _codes(q_ids, g_ids)
+    identity = SameIdentity.of(q_ids, g_ids)
     if q_cams is not None:
         q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
     n_q, n_g = distmat.shape
-    # Gallery indices grouped by identity (ascending within a group): a query's same-identity
-    # entries are a slice, found without scanning its row.
-    by_code = np.argsort(g_codes, kind="stable")
-    lo = np.searchsorted(g_codes[by_code], q_codes, side="left")
-    hi = np.searchsorted(g_codes[by_code], q_codes, side="right")
     step = max(1, chunk_elements // max(n_g, 1))
     chunks = [(start, min(start + step, n_q)) for start in range(0, n_q, step)]
 
     def sorted_negatives(chunk: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, same = identity.entries(*chunk)  # row-major, index-ascending
         start, stop = chunk
-        rows = np.repeat(np.arange(stop - start), hi[start:stop] - lo[start:stop])
-        same = by_code[_ragged(lo[start:stop], hi[start:stop])]  # row-major, index-ascending
         # Negatives only, sorted per row: same-identity entries go to the end, out of counts.
         negatives = np.array(distmat[start:stop], copy=True)
         negatives[rows, same] = np.inf
@@ -151,10 +174,18 @@ def positive_ranks(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
             yield int(i), chunk.ranks[chunk.starts[n]:chunk.starts[n + 1]]
 
 
-def evaluate_rank(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
-                  q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
-                  max_rank: int = 50) -> tuple[np.ndarray, float]:
-    """``(cmc, mAP)`` as torchreid's ``evaluate_rank`` computes them.
+class RankMetrics(NamedTuple):
+    cmc: np.ndarray   # first-hit cumulative curve, float32, length max_rank
+    mAP: float        # mean average precision
+    mINP: float       # mean inverse negative penalty
+    queries: int      # queries with a positive left (the ones averaged over)
+
+
+def rank_metrics(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
+                 q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
+                 max_rank: int = 50) -> RankMetrics:
+    """CMC, mAP and mINP from one ranked pass (fast-reid's ``evaluate_rank``, whose mINP is
+    Ye et al.'s: the mean over queries of positives / rank of the hardest positive).
 
     Gallery ranked by ascending distance; entries with the query's identity and camera are
     removed (no cameras: nothing removed); queries with no positive left are skipped. CMC is the
@@ -164,23 +195,34 @@ def evaluate_rank(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     distmat = np.asarray(distmat)
     max_rank = min(max_rank, distmat.shape[1])
     first_hits = np.zeros(max_rank + 1, dtype=np.int64)
-    aps = []
+    aps, inps = [], []
     for chunk in ranked_chunks(distmat, q_ids, g_ids, q_cams, g_cams):
         first_hits += np.bincount(np.minimum(chunk.first(), max_rank), minlength=max_rank + 1)
         aps.append(chunk.average_precision())
+        inps.append(chunk.inverse_negative_penalty())
     valid = sum(len(a) for a in aps)
     if valid == 0:
         raise ValueError(f"no query has a positive in the gallery (none of {distmat.shape[0]} "
                          "after removing same-identity same-camera entries): CMC and mAP are "
                          "undefined")
     cmc = np.cumsum(first_hits[:max_rank]) / valid
-    return cmc.astype(np.float32), float(np.concatenate(aps).mean())
+    return RankMetrics(cmc.astype(np.float32), float(np.concatenate(aps).mean()),
+                       float(np.concatenate(inps).mean()), valid)
 
 
-def summarise(cmc: np.ndarray, mean_ap: float,
-              ranks: Sequence[int] = (1, 5, 10, 20)) -> dict[str, float]:
+def evaluate_rank(distmat: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
+                  q_cams: np.ndarray | None = None, g_cams: np.ndarray | None = None,
+                  max_rank: int = 50) -> tuple[np.ndarray, float]:
+    """``(cmc, mAP)`` as torchreid's ``evaluate_rank`` computes them (see
+    :func:`rank_metrics`, which adds mINP)."""
+    result = rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank)
+    return result.cmc, result.mAP
+
+
+def summarise(cmc: np.ndarray, mean_ap: float, ranks: Sequence[int] = (1, 5, 10, 20),
+              minp: float | None = None) -> dict[str, float]:
     """The numbers every re-identification table reports: ``R<k>``, the CMC at rank ``k`` (the
-    share of queries with a positive among their ``k`` nearest), and ``mAP``.
+    share of queries with a positive among their ``k`` nearest), ``mAP`` and, given, ``mINP``.
 
     A rank beyond the curve takes its last value, right when the curve covers the whole gallery
     (``evaluate_rank``'s ``max_rank`` >= the largest rank asked, or >= the gallery size).
@@ -188,4 +230,7 @@ def summarise(cmc: np.ndarray, mean_ap: float,
     def at(k: int) -> float:
         return float(cmc[min(k, len(cmc)) - 1])
 
-    return {**{f"R{k}": at(k) for k in ranks}, "mAP": float(mean_ap)}
+    out = {**{f"R{k}": at(k) for k in ranks}, "mAP": float(mean_ap)}
+    if minp is not None:
+        out["mINP"] = float(minp)
+    return out

@@ -18,19 +18,22 @@ def text_to_image(similarity: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray,
     ``j`` (higher is closer). A caption's positives are the gallery images of its identity
     (no camera removal: a caption has no camera); captions with none are skipped. ``R<k>``
     (share of captions with a positive among the k most similar; ties in gallery order) and
-    ``mAP`` over the remaining captions: the image-to-image protocol with captions as queries."""
+    ``mAP`` and ``mINP`` over the remaining captions: the image-to-image protocol with captions
+    as queries."""
     hits = dict.fromkeys(ks, 0)
-    aps = []
+    aps, inps = [], []
     # Negated similarity is a distance with the same order (ties still in gallery order).
     for chunk in ranked_chunks(-np.asarray(similarity), q_ids, g_ids):
         first = chunk.first()
         for k in ks:
             hits[k] += int(np.count_nonzero(first < k))
         aps.append(chunk.average_precision())
+        inps.append(chunk.inverse_negative_penalty())
     valid = sum(len(a) for a in aps)
     if valid == 0:
         raise ValueError("no caption has a positive in the gallery")
-    return {**{f"R{k}": hits[k] / valid for k in ks}, "mAP": float(np.concatenate(aps).mean())}
+    return {**{f"R{k}": hits[k] / valid for k in ks}, "mAP": float(np.concatenate(aps).mean()),
+            "mINP": float(np.concatenate(inps).mean())}
 
 
 def aggregate_draws(draws: Sequence[dict[str, float]]) -> dict[str, float]:

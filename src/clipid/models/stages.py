@@ -14,6 +14,7 @@ import torch
 from clipid.config import Params
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel, create_model, load_model
+from clipid.models.geometry import model_spec
 from clipid.stage_registry import get_stage, model_stages
 from clipid.workspace import Workspace
 
@@ -39,5 +40,5 @@ def model_for_stage(params: Params, stage: str, device: torch.device | str | Any
                           f"{', '.join(model_stages())})")
     if info.is_pretrained:
         return create_model(params.model.name, params.model.pretrained, seed=params.train.seed,
-                            device=device)
+                            device=device, spec=model_spec(params.model))
     return load_model(stage_weights(stage, workspace), device=device)

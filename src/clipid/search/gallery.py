@@ -24,8 +24,9 @@ from clipid.data.dataset import PreparedData
 from clipid.errors import ClipidError
 from clipid.features import image_features
 from clipid.models.factory import ClipModel
+from clipid.models.visual import text_space
 from clipid.runtime import resolve_precision
-from clipid.search.index import FaissIndex, SearchIndex, build_index, load_index
+from clipid.search.index import ExactIndex, FaissIndex, SearchIndex, build_index, load_index
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,12 @@ class GalleryIndex:
         return cls(info["model"], Path(info["prepared"]), table, embeddings, index, info)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Ranked hits of each query embedding, best first."""
-        scores, ids = self.index.search(queries, k)
+        """Ranked hits of each query embedding, best first. Text queries of a ``concat``
+        gallery (narrower than its embeddings) are ranked exactly against its projected part."""
+        index = self.index
+        if queries.shape[1] < self.embeddings.shape[1]:
+            index = ExactIndex(text_space(self.embeddings, queries.shape[1]))
+        scores, ids = index.search(queries, k)
         images, items = self.table["image"].to_numpy(), self.table["item_id"].to_numpy()
         out = []
         for row_scores, row_ids in zip(scores, ids, strict=True):

@@ -14,17 +14,18 @@ from PIL import Image
 
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
-from clipid.data.images import ImageRejected, load_rgb
+from clipid.data.images import ImageRejected, ImageTooLarge, load_rgb
 from clipid.errors import ClipidError
 from clipid.models.factory import ClipModel
 from clipid.models.stages import model_for_stage
+from clipid.models.visual import image_embedding
 from clipid.search.gallery import GalleryIndex, Hit, model_fingerprint
 from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchResult", "has_text_tower", "embed_image", "embed_pil", "embed_text", "search",
-           "load_gallery", "rank", "warn_if_stale"]
+           "input_size", "load_gallery", "rank", "warn_if_stale"]
 
 
 @dataclass
@@ -47,11 +48,20 @@ def has_text_tower(model: torch.nn.Module) -> bool:
         hasattr(model, "transformer") or hasattr(model, "text"))
 
 
-def embed_image(clip: ClipModel, path: Path, flip: bool = False,
+def input_size(clip: ClipModel) -> tuple[int, int]:
+    """The (height, width) the model's preprocessing resizes an image to."""
+    size = clip.model.visual.preprocess_cfg["size"]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def embed_image(clip: ClipModel, path: Path, max_pixels: int, flip: bool = False,
                 device: torch.device | str = "cpu") -> np.ndarray:
-    """The ``(1, D)`` unit embedding of the image at ``path`` (decoded like the gallery was)."""
+    """The ``(1, D)`` unit embedding of the image at ``path`` (decoded like the gallery was,
+    refused over ``max_pixels``, decoded no larger than the model needs)."""
     try:
-        image = load_rgb(Path(path))
+        image = load_rgb(Path(path), max_pixels=max_pixels, need=input_size(clip))
+    except ImageTooLarge as exc:
+        raise ClipidError(f"--image {path}: {exc} (serve.max_pixels)") from None
     except ImageRejected as exc:
         raise ClipidError(f"--image {path}: {exc}") from None
     return embed_pil(clip, image, flip=flip, device=device)
@@ -63,9 +73,9 @@ def embed_pil(clip: ClipModel, image: Image.Image, flip: bool = False,
     """The ``(1, D)`` unit embedding of a decoded RGB image."""
     batch = clip.preprocess_val(image).unsqueeze(0).to(device)
     clip.model.eval()
-    feats = clip.model.encode_image(batch).float()
+    feats = image_embedding(clip.model, batch).float()
     if flip:  # the gallery was embedded with its mirror images averaged in: do the same
-        feats = feats + clip.model.encode_image(torch.flip(batch, dims=[3])).float()
+        feats = feats + image_embedding(clip.model, torch.flip(batch, dims=[3])).float()
     return F.normalize(feats, dim=-1).cpu().numpy()
 
 
@@ -119,7 +129,8 @@ def search(params: Params, *, image: Path | None = None, text: str | None = None
     clip = model_for_stage(params, model, device, workspace)
     if kind == "image":
         gallery = load_gallery(params, clip, model, device, workspace)
-        query = embed_image(clip, Path(image), flip=bool(gallery.info.get("flip")), device=device)
+        query = embed_image(clip, Path(image), params.serve.max_pixels,
+                            flip=bool(gallery.info.get("flip")), device=device)
     else:
         query = embed_text(clip, text, model, device=device)
         gallery = load_gallery(params, clip, model, device, workspace)

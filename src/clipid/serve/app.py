@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from clipid.config import Params
-from clipid.serve.service import QueryRejected, SearchService
+from clipid.serve.service import RETRY_AFTER_S, QueryRejected, SearchService
 from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ MAX_JSON_BYTES = 64 * 1024
 
 
 def _rejected(_: Request, exc: QueryRejected) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+    retry = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=retry)
 
 
 async def _image_query(service: SearchService, request: Request) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def create_app(service: SearchService) -> FastAPI:
         return page
 
     @app.get("/api/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # on the event loop: answers while the pool is busy
         return service.health()
 
     @app.post("/api/search")
@@ -97,8 +98,10 @@ def serve(params: Params, host: str | None = None, port: int | None = None,
     """Load the models and indexes, then answer on ``host:port`` until interrupted."""
     import uvicorn
 
+    from clipid.data.images import return_large_images_to_the_os
     from clipid.runtime import setup_runtime
 
+    return_large_images_to_the_os()
     device = setup_runtime(params.runtime)
     service = SearchService.load(params, device, workspace)
     host = host or params.serve.host

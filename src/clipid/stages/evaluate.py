@@ -8,6 +8,7 @@ is read from its checkpoint ``models/<stage>/model.safetensors`` (see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -39,7 +40,10 @@ def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = Non
         clip = model_for_stage(params, stage, device, workspace)
         data = PreparedData.load(workspace.prepared)
         start = time.perf_counter()
-        result = evaluate(clip, data, params.eval, device=device)
+        # eval.ranks: auto means what the data source's papers print.
+        ranks = list(params.eval.reported_ranks(params.data.source))
+        result = evaluate(clip, data, dataclasses.replace(params.eval, ranks=ranks),
+                          device=device)
         seconds = time.perf_counter() - start
     finally:
         teardown_runtime()  # under torchrun: every rank has embedded its share
@@ -49,7 +53,8 @@ def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = Non
     metrics_path = workspace.stage_metrics(stage)
     cmc_path = workspace.stage_cmc(stage)
     examples_path = workspace.stage_examples(stage)
-    write_results(result, metrics_path, cmc_path, extra, examples_path)
+    roc_path = workspace.stage_roc(stage)
+    write_results(result, metrics_path, cmc_path, extra, examples_path, roc_path)
     i2i, t2i = result.metrics["i2i"], result.metrics.get("t2i", {})
     log.info("%s: i2i R1 %.4f mAP %.4f | t2i R1 %.4f mAP %.4f", stage, i2i["R1"],
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
@@ -58,9 +63,9 @@ def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = Non
         tracker.log_metrics({**eval_metrics(result.metrics), "eval_seconds": seconds})
         if pretrained:  # trained stages logged theirs when training
             tracker.log_model(clip, stage)
-        # Three files of one name: in one folder each would overwrite the one before.
+        # Four files of one name: in one folder each would overwrite the one before.
         for path, folder in ((metrics_path, "eval"), (cmc_path, "eval/cmc"),
-                             (examples_path, "eval/examples")):
+                             (roc_path, "eval/roc"), (examples_path, "eval/examples")):
             tracker.log_artifact(path, folder)
     return result
 

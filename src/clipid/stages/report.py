@@ -75,17 +75,29 @@ def _cell(block: dict[str, float], key: str) -> str:
     return f"{100 * block[key]:.1f} ± {100 * std:.1f}" if std else f"{100 * block[key]:.1f}"
 
 
+def _columns(metrics: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """``(block, key, header)`` of every figure the stages report: the i2i R@K the evaluation
+    wrote (``eval.ranks``), mAP, mINP and, with ``eval.verification``, TPR at FPR and EER;
+    then t2i R1, mAP and mINP."""
+    keys = [k for m in metrics.values() for k in m.get("i2i", {}) if not k.endswith("_std")]
+    ranks = sorted({k for k in keys if k[0] == "R" and k[1:].isdigit()}, key=lambda k: int(k[1:]))
+    rates = [k for k in dict.fromkeys(keys) if k.startswith("TPR_at_FPR_")] + \
+        (["EER"] if "EER" in keys else [])
+    headers = {k: f"TPR@FPR {k.rsplit('_', 1)[1]}" if k != "EER" else k for k in rates}
+    return ([("i2i", k, f"i2i {k}") for k in [*ranks, "mAP", "mINP"]]
+            + [("i2i", k, f"i2i {headers[k]}") for k in rates]
+            + [("t2i", k, f"t2i {k}") for k in ("R1", "mAP", "mINP")])
+
+
 def report_table(params: Params, stages: list[str], metrics: dict[str, dict]) -> str:
     """The Markdown table of every stage (percentages; ± the std over query/gallery draws)."""
-    lines = ["| stage | what it trains | i2i R1 | i2i R5 | i2i R10 | i2i mAP | t2i R1 "
-             "| t2i mAP |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    columns = _columns({s: metrics[s] for s in stages})
+    lines = ["| stage | what it trains | " + " | ".join(h for _, _, h in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
     for stage in stages:
         m = metrics[stage]
-        i2i, t2i = m.get("i2i", {}), m.get("t2i", {})
-        lines.append(f"| {stage} | {describe_stage(params, stage)} | {_cell(i2i, 'R1')} "
-                     f"| {_cell(i2i, 'R5')} | {_cell(i2i, 'R10')} | {_cell(i2i, 'mAP')} "
-                     f"| {_cell(t2i, 'R1')} | {_cell(t2i, 'mAP')} |")
+        cells = " | ".join(_cell(m.get(block, {}), key) for block, key, _ in columns)
+        lines.append(f"| {stage} | {describe_stage(params, stage)} | {cells} |")
     return "\n".join(lines)
 
 

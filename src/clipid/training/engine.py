@@ -43,8 +43,13 @@ from clipid.training.data import (
 )
 from clipid.training.loop import EpochLoop, Optimization, TrainingState, fingerprint
 from clipid.training.objective import LossTerm, Objective, TermContext, standard_terms
-from clipid.training.samplers import PKSampler, ShardedRandomSampler
-from clipid.training.schedule import warmup_cosine
+from clipid.training.samplers import InstancePKSampler, PKSampler, ShardedRandomSampler
+from clipid.training.schedule import (
+    EpochSchedule,
+    make_optimizer,
+    multistep_by_epoch,
+    warmup_cosine,
+)
 from clipid.training.towers import set_trainable
 from clipid.workspace import Workspace
 
@@ -126,20 +131,28 @@ class Trainer:
                               [str(i) for i in data.identities])
         return resolve(hook)(context)
 
-    def _initial_model(self) -> ClipModel:
-        return model_for_stage(self.params, self.spec.init, self.device, self.workspace)
+    def _initial_model(self, data: StageData) -> ClipModel:
+        clip = model_for_stage(self.params, self.spec.init, self.device, self.workspace)
+        if self.params.model.sie and not clip.spec.sie_cameras:
+            # SIE: one embedding per camera of the training set, drawn from the seed.
+            clip.add_cameras(data.rows["camera"].tolist(),
+                             torch.Generator().manual_seed(self.params.train.seed))
+        return clip
 
     def _dataset(self, clip: ClipModel, data: StageData, batch_augmented: bool) -> Dataset:
         index = {c: i for i, c in enumerate(data.unique_captions)}
         captions_of = [index[c] for c in data.captions]
+        rows = clip.spec.camera_indices(data.rows["camera"].tolist())
+        cameras = rows.tolist() if rows is not None else None
         if batch_augmented and self.params.train.image_cache:
             return CachedTrainDataset(self._image_cache(clip, data.rows), data.labels,
-                                      captions_of)
+                                      captions_of, cameras)
         if self.params.train.image_cache:
             log.warning("train.image_cache needs train.augment_device: batch; ignored")
         transform = decode_transform(clip) if batch_augmented \
             else build_train_transform(clip, self.params)
-        return TrainDataset(self.data.paths(data.rows), data.labels, captions_of, transform)
+        return TrainDataset(self.data.paths(data.rows), data.labels, captions_of, transform,
+                            cameras)
 
     def _image_cache(self, clip: ClipModel, rows: Any) -> Path:
         """The training images decoded once at the model's size (rank 0 builds it)."""
@@ -166,8 +179,9 @@ class Trainer:
             if local_batch % train.pk_k:
                 raise ClipidError(f"train.batch_size per process ({local_batch}) must be a "
                                   f"multiple of train.pk_k ({train.pk_k})")
-            sampler: Any = PKSampler(labels, p=local_batch // train.pk_k, k=train.pk_k,
-                                     seed=train.seed, rank=self.rank, world_size=self.world_size)
+            pk = InstancePKSampler if train.pk_epoch == "instances" else PKSampler
+            sampler: Any = pk(labels, p=local_batch // train.pk_k, k=train.pk_k,
+                              seed=train.seed, rank=self.rank, world_size=self.world_size)
         else:
             sampler = ShardedRandomSampler(count, seed=train.seed, rank=self.rank,
                                            world_size=self.world_size)
@@ -195,7 +209,8 @@ class Trainer:
         # Seeded: torch's global generator starts from a random seed in every process, and a
         # stage that loads a checkpoint has not seeded it (create_model does for pretrained).
         torch.manual_seed(train.seed)
-        terms = standard_terms(spec, train, len(data.identities), dim, cached_text) + extra
+        terms = standard_terms(spec, train, len(data.identities), dim, cached_text,
+                               model) + extra
         if not any(term.weight > 0 for term in terms):
             raise ClipidError(f"{self.stage}: no loss term (loss is none and id_weight, "
                               "triplet_weight are 0)")
@@ -206,11 +221,15 @@ class Trainer:
                       ) -> Optimization:
         train = self.params.train
         lr = train.lr * self.spec.lr_mult
-        optimizer = torch.optim.AdamW(objective.param_groups(train), lr=lr, betas=(0.9, 0.999),
-                                      eps=1e-8)
+        optimizer = make_optimizer(objective.param_groups(train), train.optimizer, lr)
         own = objective.own_optimizers(train)
-        scheduler = warmup_cosine(optimizer, round(train.warmup_epochs * steps_per_epoch),
-                                  epochs * steps_per_epoch)
+        scheduler: Any
+        if train.schedule == "multistep":  # milestones in order: clipid.checks
+            scheduler = EpochSchedule(optimizer, multistep_by_epoch(
+                train.milestones, train.gamma, train.warmup_factor, train.warmup_epochs))
+        else:
+            scheduler = warmup_cosine(optimizer, round(train.warmup_epochs * steps_per_epoch),
+                                      epochs * steps_per_epoch)
         return Optimization(optimizer, scheduler, grad_scaler(objective.dtype, self.device),
                             train.grad_clip, own)
 
@@ -233,9 +252,10 @@ class Trainer:
         """One batch to its loss terms: device transfer, batch augmentation, forward."""
         device, seed = self.device, self.params.train.seed
         channels_last = self.params.train.channels_last and device.type == "cuda"
+        sie = self.params.model.sie   # the model has a camera embedding: feed it the cameras
 
         def step(batch: Any, epoch: int, batch_no: int) -> dict[str, torch.Tensor]:
-            images, labels, captions = batch
+            images, labels, captions, cameras = batch
             images = images.to(device, non_blocking=True)
             if batch_augment is not None:  # the batch's own seed: resume stays exact
                 images = batch_augment(images, torch.Generator().manual_seed(
@@ -244,7 +264,8 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             # Non-blocking: from the loader's pinned memory the copies overlap the GPU's work.
             return forward(images, labels.to(device, non_blocking=True),
-                           captions.to(device, non_blocking=True))
+                           captions.to(device, non_blocking=True),
+                           cameras.to(device, non_blocking=True) if sie else None)
 
         return step
 
@@ -261,7 +282,7 @@ class Trainer:
         epochs = self.spec.epochs or train.epochs
         data = self._stage_data()
         extra_terms, metadata = self._extra_terms(data)
-        clip = self._initial_model()
+        clip = self._initial_model(data)
         parent = clip.weights
         parent_digest = file_sha256(Path(parent)) if Path(parent).is_file() else parent
         batch_augment = build_batch_augment(clip, self.params)
@@ -291,7 +312,7 @@ class Trainer:
 
         # The trained weights, heads and centres, on every rank (tests compare them).
         self.objective, self.model = objective, objective.model
-        meta = {"architecture": clip.architecture, "stage": self.stage, "parent": parent,
+        meta = {**clip.sidecar(), "stage": self.stage, "parent": parent,
                 "parent_sha256": parent_digest if parent_digest != parent else None,
                 "identities": len(data.identities), "epochs": epochs,
                 "history": state.history, **metadata}

@@ -72,7 +72,7 @@ class Optimization:
     """
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Any  # an LRScheduler stepped per batch, or an EpochSchedule
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
     own: list[tuple[torch.optim.Optimizer, Callable[[], None]]] = field(default_factory=list)
@@ -101,6 +101,13 @@ class Optimization:
             self.scaler.step(opt)
         self.scaler.update()
         self.scheduler.step()
+
+    def start_epoch(self, epoch: int) -> None:
+        """A schedule set per epoch (:class:`~clipid.training.schedule.EpochSchedule`) sets
+        the epoch's rates; one stepped per batch has no such hook."""
+        hook = getattr(self.scheduler, "start_epoch", None)
+        if hook is not None:
+            hook(epoch)
 
     @property
     def lr(self) -> float:
@@ -159,6 +166,7 @@ class EpochLoop:
             started = time.perf_counter()
             torch.manual_seed(epoch_seed(self.seed, epoch))
             self.start_epoch(epoch)
+            self.optimization.start_epoch(epoch)
             records = self._epoch(epoch, epochs, epoch * steps, epochs * steps)
             state.seconds += time.perf_counter() - started
             state.history.append(self._means(records))

@@ -17,7 +17,8 @@ from torch import nn
 from clipid.runtime import world_info
 
 __all__ = ["CenterLoss", "CrossEntropyLabelSmooth", "ImageToTextCrossEntropy", "InfoNCELoss",
-           "PromptContrastiveLoss", "SupConLoss", "TripletLoss", "gather_with_grad"]
+           "PromptContrastiveLoss", "SupConLoss", "TextImageSupConLoss", "TripletLoss",
+           "gather_with_grad"]
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -140,6 +141,24 @@ class PromptContrastiveLoss(nn.Module):
         return i2t, t2i
 
 
+class TextImageSupConLoss(nn.Module):
+    """CLIP-ReID's prompt-stage loss term (their ``loss/supcontrast.py``, temperature 1): each
+    anchor against every key, every key of the anchor's label a positive,
+
+        L = mean_i  -1/|P(i)| * sum_{j in P(i)} log softmax_j(<a_i, k_j>)
+
+    on raw (unnormalised) features. Their stage sums it both ways on the same batch: images as
+    anchors with one prompt per image as keys, and the prompts as anchors with the images as
+    keys, so a prompt appears once for each of its images in the batch.
+    """
+
+    def forward(self, anchors: torch.Tensor, keys: torch.Tensor, anchor_labels: torch.Tensor,
+                key_labels: torch.Tensor) -> torch.Tensor:
+        positives = anchor_labels[:, None] == key_labels[None, :]
+        log_prob = F.log_softmax(anchors @ keys.T, dim=1).masked_fill(~positives, 0.0)
+        return (-log_prob.sum(1) / positives.sum(1)).mean()
+
+
 class CrossEntropyLabelSmooth(nn.Module):
     """Cross-entropy against ``(1 - eps) * one_hot + eps / num_classes`` (Szegedy et al., 2016):
     the identity classifier stays calibrated instead of memorising the training identities."""
@@ -160,14 +179,21 @@ class ImageToTextCrossEntropy(nn.Module):
     """CLIP-ReID's image-stage term: fixed per-identity text features are the weights of a
     classifier, ``logits = scale * normalize(feats) @ text.T``, under label-smoothed
     cross-entropy (:class:`CrossEntropyLabelSmooth`). ``text`` ``(identities, D)`` is
-    L2-normalised and never trained; row ``y`` belongs to label ``y``."""
+    L2-normalised and never trained; row ``y`` belongs to label ``y``.
 
-    def __init__(self, num_classes: int, epsilon: float = 0.1):
+    ``raw=True`` is what their code computes (``processor_clipreid_stage2.py``): ``logits =
+    feats @ text.T`` on the raw projected image feature and raw text features, no scale.
+    """
+
+    def __init__(self, num_classes: int, epsilon: float = 0.1, raw: bool = False):
         super().__init__()
         self.cross_entropy = CrossEntropyLabelSmooth(num_classes, epsilon)
+        self.raw = raw
 
     def forward(self, feats: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
                 scale: torch.Tensor | float) -> torch.Tensor:
+        if self.raw:
+            return self.cross_entropy(feats @ text.T, labels)
         return self.cross_entropy(scale * F.normalize(feats, dim=-1) @ text.T, labels)
 
 

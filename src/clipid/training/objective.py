@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipid.config import StageParams, TrainParams
+from clipid.models.visual import ImageParts, encode_image_parts
 from clipid.runtime import autocast
 from clipid.training.heads import BNNeckClassifier
 from clipid.training.losses import (
@@ -30,7 +31,7 @@ from clipid.training.losses import (
     SupConLoss,
     TripletLoss,
 )
-from clipid.training.schedule import param_groups
+from clipid.training.schedule import DecayRule, param_groups
 from clipid.training.towers import set_trainable, tower_parameters
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
     from clipid.workspace import Workspace
 
 __all__ = ["CenterTerm", "IdentityTerm", "InfoNCETerm", "LossTerm", "Objective", "Outputs",
-           "SupConTerm", "TermContext", "TripletTerm", "standard_terms"]
+           "SupConTerm", "TermContext", "ThreeFeatureTripletTerm", "TripletTerm",
+           "TwoHeadIdentityTerm", "part_dims", "standard_terms"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Outputs:
     scale: torch.Tensor                # the logit scale, exp'd and capped
     labels: torch.Tensor               # identity labels, on the device
     captions: torch.Tensor             # caption index of each image
+    parts: ImageParts | None = None    # the three raw image features, when a term reads them
 
 
 class LossTerm(nn.Module):
@@ -138,7 +141,7 @@ class IdentityTerm(LossTerm):
 
     def param_groups(self, lr: float, train: TrainParams) -> list[dict]:
         return param_groups(list(self.head.named_parameters()), lr * train.head_lr_mult,
-                            train.weight_decay, "head")
+                            train.weight_decay, "head", DecayRule.of(train))
 
     def exported(self) -> dict[str, torch.Tensor]:
         return dict(self.head.state_dict())
@@ -173,37 +176,96 @@ class CenterTerm(LossTerm):
         return torch.optim.SGD(self.center.parameters(), lr=train.center_lr), rescale
 
 
+class TwoHeadIdentityTerm(IdentityTerm):
+    """CLIP-ReID's identity loss (``make_model_clipreid.py``, ``make_loss.py``): one BNNeck
+    classifier on the ``ln_post`` feature (``heads.cls.*``) and one on the projected feature
+    (``heads.proj.*``), their label-smoothed cross-entropies summed."""
+
+    def __init__(self, weight: float, dims: tuple[int, int], classes: int, smoothing: float):
+        LossTerm.__init__(self, "id", weight)
+        self.head = nn.ModuleDict({"cls": BNNeckClassifier(dims[0], classes),
+                                   "proj": BNNeckClassifier(dims[1], classes)})
+        self.loss = CrossEntropyLabelSmooth(classes, smoothing)
+
+    def forward(self, out: Outputs) -> torch.Tensor:
+        parts = _parts(out)
+        return (self.loss(self.head["cls"](parts.cls), out.labels)
+                + self.loss(self.head["proj"](parts.proj), out.labels))
+
+
+class ThreeFeatureTripletTerm(TripletTerm):
+    """CLIP-ReID's metric loss: batch-hard triplet on each of the three raw features
+    (second-to-last block CLS, ``ln_post`` CLS, projected CLS), summed; no normalisation."""
+
+    def forward(self, out: Outputs) -> torch.Tensor:
+        parts = _parts(out)
+        return sum((self.loss(feature, out.labels)
+                    for feature in (parts.last_block_cls, parts.cls, parts.proj)),
+                   start=out.feats.new_zeros(()))
+
+
+def _parts(out: Outputs) -> ImageParts:
+    if out.parts is None:  # a programming error: the objective decides whether parts are made
+        raise RuntimeError("identity_losses paper needs the image parts")
+    return out.parts
+
+
+def part_dims(model: nn.Module) -> tuple[int, int]:
+    """Widths of the ``cls`` and ``proj`` image parts (768 and 512 for ViT-B-16)."""
+    visual = model.visual
+    if hasattr(visual, "attnpool"):
+        return int(visual.attnpool.k_proj.in_features), int(visual.output_dim)
+    return int(visual.class_embedding.shape[0]), int(visual.output_dim)
+
+
 def standard_terms(spec: StageParams, train: TrainParams, classes: int, dim: int,
-                   cached_text: torch.Tensor | None) -> list[LossTerm]:
+                   cached_text: torch.Tensor | None, model: nn.Module | None = None
+                   ) -> list[LossTerm]:
     """The terms a ``StageParams`` asks for, in the order their sum has always been taken.
+    ``identity_losses: paper`` makes CLIP-ReID's identity and triplet terms (``model`` gives
+    their widths).
 
     Call after seeding torch: the head, then the centres, draw their initial weights.
     """
     terms: list[LossTerm] = []
+    paper = spec.identity_losses == "paper"
+    if paper and model is None:
+        raise ValueError("standard_terms: identity_losses paper needs the model")
     if spec.contrastive:
         contrastive = SupConTerm if spec.loss == "supcon" else InfoNCETerm
         terms.append(contrastive(spec.contrastive_weight, cached_text))
-    if spec.id_weight > 0:
+    if spec.id_weight > 0 and paper:
+        terms.append(TwoHeadIdentityTerm(spec.id_weight, part_dims(model), classes,
+                                         train.label_smoothing))
+    elif spec.id_weight > 0:
         terms.append(IdentityTerm(spec.id_weight, dim, classes, train.label_smoothing))
     if spec.triplet_weight > 0:
-        terms.append(TripletTerm(spec.triplet_weight, train.triplet_margin))
+        triplet = ThreeFeatureTripletTerm if paper else TripletTerm
+        terms.append(triplet(spec.triplet_weight, train.triplet_margin))
     if spec.center_weight > 0:
         terms.append(CenterTerm(spec.center_weight, classes, dim))
     return terms
 
 
 class Towers(nn.Module):
-    """Both towers and the logit scale: what ``train.compile`` compiles."""
+    """Both towers and the logit scale: what ``train.compile`` compiles. With ``parts`` the
+    image tower gives CLIP-ReID's three raw features (:func:`encode_image_parts`), the
+    projected one being the embedding."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, parts: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.parts = model, parts
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None,
+                cameras: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImageParts | None]:
         text = self.model.encode_text(tokens) if tokens is not None else None
         # Capped as in CLIP: a temperature below 1/100 makes training unstable.
-        return self.model.encode_image(images), text, self.model.logit_scale.exp().clamp(max=100)
+        scale = self.model.logit_scale.exp().clamp(max=100)
+        if self.parts or cameras is not None:  # SIE: the camera offset is in the parts' pass
+            parts = encode_image_parts(self.model, images, cameras)
+            return parts.proj, text, scale, parts
+        return self.model.encode_image(images), text, scale, None
 
 
 class Objective(nn.Module):
@@ -216,7 +278,7 @@ class Objective(nn.Module):
     def __init__(self, model: nn.Module, terms: list[LossTerm], spec: StageParams, *,
                  tokens: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.towers = Towers(model)
+        self.towers = Towers(model, parts=spec.identity_losses == "paper")
         self.terms = nn.ModuleList(terms)
         self.spec, self.tokens, self.dtype = spec, tokens, dtype
 
@@ -224,15 +286,18 @@ class Objective(nn.Module):
     def model(self) -> nn.Module:
         return self.towers.model
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor,
+                cameras: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tokens = self.tokens[captions.to(self.tokens.device)] if self.tokens is not None \
             else None
         with autocast(images.device, self.dtype):
-            feats, text, scale = self.towers(images, tokens)
+            feats, text, scale, parts = self.towers(images, tokens, cameras)
         # The losses run in fp32: softmax over scaled similarities overflows in fp16.
+        if parts is not None:
+            parts = ImageParts(parts.last_block_cls.float(), parts.cls.float(),
+                               parts.proj.float())
         out = Outputs(feats.float(), text.float() if text is not None else None, scale,
-                      labels, captions)
+                      labels, captions, parts)
         return {term.name: term.weight * term(out) for term in self.terms}
 
     def start_epoch(self) -> None:
@@ -244,13 +309,14 @@ class Objective(nn.Module):
             term.train()
 
     def param_groups(self, train: TrainParams) -> list[dict]:
-        """AdamW groups: image tower, text tower, logit scale, then the terms' own (head)."""
-        spec, model = self.spec, self.model
+        """Optimiser groups: image tower, text tower, logit scale, then the terms' own (head)."""
+        spec, model, rule = self.spec, self.model, DecayRule.of(train)
         lr = train.lr * spec.lr_mult
-        groups = param_groups(tower_parameters(model, "image"), lr, train.weight_decay, "image")
+        groups = param_groups(tower_parameters(model, "image"), lr, train.weight_decay, "image",
+                              rule)
         groups += param_groups(tower_parameters(model, "text"), train.lr * spec.text_lr_mult,
-                               train.weight_decay, "text")
-        groups += param_groups(tower_parameters(model, "scale"), lr, 0.0, "scale")
+                               train.weight_decay, "text", rule)
+        groups += param_groups(tower_parameters(model, "scale"), lr, 0.0, "scale", rule)
         for term in self.terms:
             groups += term.param_groups(lr, train)
         return groups

