@@ -215,7 +215,7 @@ def test_stages_against_an_unreachable_server_spool_and_sync_completes_them(
     logged = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
     assert logged == {"checkpoint/model.safetensors", "checkpoint/model.json"}
     assert {a.path for a in c.list_artifacts(run.info.run_id, "eval")} == {
-        "eval/stage2.json", "eval/cmc", "eval/examples"}
+        "eval/stage2.json", "eval/cmc", "eval/roc", "eval/examples"}
     lineage = clipid(micro_stage_dir, "lineage", "stage2").stdout
     assert run.info.run_id in lineage
 
