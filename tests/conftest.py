@@ -211,6 +211,47 @@ def kill_in_second_epoch():
     return on_log
 
 
+# The micro pipeline of tests/test_pipeline.py built once per test session (test_reproducible,
+# test_mlflow_view): copy `first` rather than building another.
+
+@dataclass(frozen=True)
+class MicroBuild:
+    origin: Path   # a bare repository holding the micro pipeline (no dvc.lock)
+    cache: Path    # the DVC cache `first` filled (its run-cache too)
+    first: Path    # a clone of origin that ran `dvc repro` on an empty MLflow store, uncommitted
+    out: str       # what that `dvc repro` printed
+
+
+@pytest.fixture(scope="session")
+def micro_built(tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
+    from test_pipeline import sh, write_micro_pipeline
+
+    base = tmp_path_factory.mktemp("micro")
+    seed = write_micro_pipeline(base / "seed")
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                 ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro"]):
+        sh(seed, *args)
+    origin = base / "origin.git"
+    sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
+    cache = base / "shared-cache"
+    first = micro_clone(origin, base / "first", cache)
+    out = sh(first, "dvc", "repro", timeout=3600)
+    return MicroBuild(origin, cache, first, out)
+
+
+def micro_clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:
+    """A clone of ``origin`` (sharing the DVC ``cache`` when given), with a git identity."""
+    from test_pipeline import sh
+
+    sh(origin.parent, "git", "clone", "-q", str(origin), str(dest))
+    sh(dest, "git", "config", "user.email", "test@example.com")
+    sh(dest, "git", "config", "user.name", "clipid test")
+    if cache is not None:
+        sh(dest, "dvc", "config", "--local", "cache.dir", str(cache))
+    return dest
+
+
 # The team's servers (tests/_servers.py; README: Team setup), for the tests marked `team`.
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def test_runs_tag_their_weights_and_parent_and_the_line_is_followed_back(
     assert found
     assert run_ids["stage3"] in text and run_ids["stage2"] in text
     assert text.index(run_ids["stage3"]) < text.index(run_ids["stage2"])
-    assert text.count("brisk-wren") == 2 and text.count(commit) == 2
+    assert text.count("dvc exp     brisk-wren") == 2 and text.count(commit) == 2
+    assert "(brisk-wren/stage3, FINISHED" in text  # the run, named after its experiment
     assert "experiment  clipid" in text and "start of the line" in text
 
     other = fake_checkpoint(store, "stage4", b"never tracked", None)

@@ -130,10 +130,11 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     assert stage2.data.params["train.lr"] == "0.001"
     assert "eval/i2i/mAP" in stage2.data.metrics and "train/loss" in stage2.data.metrics
 
-    # Only the fingerprint of data.root runs again (always_changed), with the same bytes.
+    # Only the fingerprint of data.root and the MLflow view run again (always_changed).
     second = sh(micro_repo, "dvc", "repro")
-    assert re.findall(r"Running stage '([^']+)'", second) == ["fingerprint"]
-    assert sh(micro_repo, "dvc", "status").split() == ["fingerprint:", "always", "changed"]
+    assert re.findall(r"Running stage '([^']+)'", second) == ["fingerprint", "track"]
+    assert sh(micro_repo, "dvc", "status").split() == ["fingerprint:", "always", "changed",
+                                                       "track:", "always", "changed"]
 
     # A changed parameter reruns exactly the stages that read it.
     sh(micro_repo, "git", "add", "-A")

@@ -4,12 +4,15 @@ dvc.lock and metrics/, and a clone that shares the DVC cache checks out instead 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from test_pipeline import sh as pipeline_sh
-from test_pipeline import write_micro_pipeline
+
+from conftest import MicroBuild
+from conftest import micro_clone as clone
 
 TRAINING = ("train_stage2", "train_stage3", "train_stage4", "clipreid_prompts", "clipreid_image")
 
@@ -19,36 +22,22 @@ def sh(cwd: Path, *cmd: str) -> str:
     return pipeline_sh(cwd, *cmd, timeout=3600)
 
 
-def clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:
-    sh(origin.parent, "git", "clone", "-q", str(origin), str(dest))
-    sh(dest, "git", "config", "user.email", "test@example.com")
-    sh(dest, "git", "config", "user.name", "clipid test")
-    if cache is not None:
-        sh(dest, "dvc", "config", "--local", "cache.dir", str(cache))
-    return dest
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def built(micro_built: MicroBuild, tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[Path, Path]:
     """``(origin, shared cache)``: a bare repository holding the micro pipeline, whose first
-    clone ran ``dvc repro`` (its cache in ``shared cache``) and pushed dvc.lock and metrics/."""
+    clone ran ``dvc repro`` (its cache in ``shared cache``) and pushed dvc.lock and metrics/
+    (a copy of the session's micro build, so that its own origin stays without them)."""
     base = tmp_path_factory.mktemp("repro")
-    seed = write_micro_pipeline(base / "seed")
-    sh(seed, "git", "init", "-q")
-    sh(seed, "dvc", "init", "-q")
-    sh(seed, "dvc", "config", "core.analytics", "false")
-    sh(seed, "git", "add", "-A")
-    sh(seed, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro")
     origin = base / "origin.git"
-    sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
-
-    cache = base / "shared-cache"
-    first = clone(origin, base / "first", cache)
-    sh(first, "dvc", "repro")
+    shutil.copytree(micro_built.origin, origin)
+    first = base / "first"
+    shutil.copytree(micro_built.first, first, symlinks=True)
+    sh(first, "git", "remote", "set-url", "origin", str(origin))
     sh(first, "git", "add", "-A")  # dvc.lock, metrics/ and the .gitignore files DVC wrote
     sh(first, "git", "commit", "-qm", "repro")
     sh(first, "git", "push", "-q", "origin", "HEAD")
-    return origin, cache
+    return origin, micro_built.cache
 
 
 @pytest.mark.slow
@@ -78,8 +67,8 @@ def test_a_clone_sharing_the_dvc_cache_runs_no_stage(built: tuple[Path, Path]) -
     origin, cache = built
     third = clone(origin, origin.parent / "third", cache)
     out = sh(third, "dvc", "repro")
-    # The fingerprint (always_changed) lists the data source on every repro; nothing else runs:
-    # every other stage's outputs come from the shared cache.
-    assert re.findall(r"Running stage '([^']+)'", out) == ["fingerprint"]
+    # The fingerprint and track (always_changed) run on every repro; nothing else does: every
+    # other stage's outputs come from the shared cache.
+    assert re.findall(r"Running stage '([^']+)'", out) == ["fingerprint", "track"]
     assert (third / "models" / "stage4" / "model.safetensors").is_file()
     assert sh(third, "git", "status", "--porcelain") == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -51,7 +52,11 @@ def test_a_run_holds_params_metrics_tags_and_artifacts(
         run_id = tracker.run_id
     assert run_id is not None and tracker.run_id is None
     run = client(store).get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "stage2"
+    # A DVC experiment's run is named after it, under the experiment's parent run.
+    assert run.info.status == "FINISHED" and run.info.run_name == "lucky-lark/stage2"
+    parent = client(store).get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "lucky-lark"
+    assert parent.data.tags["clipid.pipeline"] == run.data.tags["clipid.pipeline"]
     assert run.data.params["train.lr"] == "1e-05"
     assert run.data.params["stage2.loss"] == "supcon"
     assert run.data.params == {k: str(v) for k, v in flatten_params(params).items()}
@@ -177,3 +182,32 @@ def test_a_tracker_leaves_the_environment_alone(store: Path) -> None:
         pass
     # MLflow's fluent API would export MLFLOW_TRACKING_URI and pin later stores to this one.
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_a_run_logs_the_params_its_dvc_stage_reads_under_its_commit(store: Path) -> None:
+    (store / "dvc.yaml").write_text("stages:\n  train_stage2:\n    cmd: x\n"
+                                    "    params: [train.lr, stage2, {params.yaml: [eval.flip]}]\n"
+                                    "  evaluate:\n    foreach: [stage2]\n    do:\n"
+                                    "      cmd: y\n      params: [eval]\n")
+    git_commit(store)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "dvc.yaml"], cwd=store, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=store, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=store, check=True, text=True,
+                            capture_output=True).stdout.strip()
+    params = Params()
+    with Tracker(stage="train_stage2", params=params, run_name="stage2") as tracker:
+        first = tracker.run_id
+    with Tracker(stage="evaluate@stage2", params=params, run_name="stage2") as tracker:
+        second = tracker.run_id
+    flat = flatten_params(params)
+    runs = {r.info.run_id: r for r in find_runs()}
+    assert set(runs[first].data.params) == {"train.lr", "eval.flip"} | {
+        k for k in flat if k.startswith("stage2.")}
+    assert set(runs[second].data.params) == {k for k in flat if k.startswith("eval.")}
+    # Both under the parent run of this commit's plain repro, named after it.
+    parent = client(store).get_run(runs[first].data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == commit[:7]
+    assert parent.data.tags["clipid.pipeline"] == f"repro:{commit}"
+    assert runs[second].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert runs[first].info.run_name == f"{commit[:7]}/stage2"

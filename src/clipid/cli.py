@@ -125,6 +125,12 @@ def _register(args: argparse.Namespace) -> None:
     register_stage(load_params(args.params), args.stages)
 
 
+def _track(args: argparse.Namespace) -> None:
+    from clipid.stages.track import track_stage
+
+    track_stage(load_params(args.params))
+
+
 def _export(args: argparse.Namespace) -> None:
     from clipid.stages.export import export_stage
 
@@ -208,6 +214,8 @@ COMMANDS = {
     "index": (_index, "embed the gallery for search into models/index/<model>/"),
     "search": (_search, "rank the gallery for an image (--image) or a text (--text) query"),
     "register": (_register, "move alias champion of clipid-image/-text to the best stage"),
+    "track": (_track, "make the MLflow store the complete view of this pipeline execution's "
+              "outputs (runs, metrics, model versions, champion aliases)"),
     "export": (_export, "write a stage's towers as ONNX (default: search.model.image/.text)"),
     "serve": (_serve, "the search web app on the index stage's output (http://127.0.0.1:8000)"),
     "server": (_server, "the team's MLflow tracking server: a database (PostgreSQL) and "

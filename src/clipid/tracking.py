@@ -45,12 +45,21 @@ from urllib.parse import urlparse
 from clipid import tracking_spool as spool
 from clipid.config import Params, flatten_params
 from clipid.files import file_sha256, sidecar_path
+from clipid.tracking_pipeline import (
+    PARENT_TAG,
+    PIPELINE_TAG,
+    Pipeline,
+    current_pipeline,
+    ensure_parent,
+    stage_params,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPERIMENT", "UNTRACKED", "Tracker", "checkpoint_run", "find_runs", "mlflow_client",
-           "spool_status", "store_root", "sync_spool",
-           "tracking_uri", "ui_command", "with_retries"]
+           "open_store", "own_artifact_location", "pipeline_tags", "replay_spool",
+           "spool_status", "store_root", "sync_spool", "tracking_uri", "ui_command",
+           "with_retries"]
 
 EXPERIMENT = "clipid"
 _MAX_PARAMS_PER_CALL = 100     # MLflow's log_batch limit for params
@@ -191,9 +200,13 @@ class Tracker:
     """One MLflow run, as a context manager.
 
     ``run_id`` reopens an existing run instead of starting one; ``checkpoint`` reopens the run
-    that wrote those weights, found by their SHA-256 (the evaluation stage logs into the run
-    that trained the model). A reopened run keeps its status and its params. Nothing is
-    logged when ``enabled`` is false (the processes other than rank 0 of a distributed run).
+    of this pipeline execution that wrote those weights, found by their SHA-256 (the evaluation
+    stage logs into the run that trained the model). A reopened run keeps its status. Nothing
+    is logged when ``enabled`` is false (the processes other than rank 0 of a distributed run).
+
+    Inside a git repository the run is a child of its pipeline execution's parent run
+    (:mod:`clipid.tracking_pipeline`), named ``<label>/<run_name>``, and logs the params that
+    ``param_stages`` (default: ``stage``) list in dvc.yaml.
 
     Every store call is retried; when one still fails, the run goes on in the local spool
     (:mod:`clipid.tracking_spool`) with everything it logged so far, and is replayed later.
@@ -201,11 +214,14 @@ class Tracker:
 
     def __init__(self, stage: str, params: Params, run_name: str | None = None,
                  tags: dict[str, str] | None = None, run_id: str | None = None,
-                 enabled: bool = True, checkpoint: Path | None = None) -> None:
+                 enabled: bool = True, checkpoint: Path | None = None,
+                 param_stages: tuple[str, ...] | None = None) -> None:
         self.stage = stage
         self.enabled = enabled
         self.params = params
+        self.param_stages = param_stages or (stage,)
         self.run_name = run_name or stage
+        self.pipeline: Pipeline | None = None
         self.extra_tags = dict(tags or {})
         self.resume_id = run_id
         self.resume_checkpoint = checkpoint
@@ -240,14 +256,13 @@ class Tracker:
             return self
         self._root = root = store_root()
         self.uri = tracking_uri(root)
-        own_store = not os.environ.get("MLFLOW_TRACKING_URI")
+        self.pipeline = current_pipeline(root)
+        if self.pipeline is not None:
+            self.run_name = self.pipeline.run_name(self.run_name)
         self._record = spool.RunRecord(
             uri=self.uri, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
-            run_name=self.run_name,
-            # Our own store keeps artifacts beside mlflow.db; a user's store uses its default.
-            artifact_location=artifact_root(root).as_uri() if own_store else None,
-            tags=self._tags(root),
-            params={k: str(v)[:_MAX_PARAM_VALUE] for k, v in flatten_params(self.params).items()})
+            run_name=self.run_name, artifact_location=own_artifact_location(root),
+            tags=self._tags(root), params=self._stage_params())
         self._record.resume_run_id = self.resume_id
         if self.resume_checkpoint is not None:
             self._record.resume_checkpoint = file_sha256(self.resume_checkpoint)
@@ -257,13 +272,20 @@ class Tracker:
         except Exception as error:  # the store can't be written: the run goes to the spool
             self._go_offline(error)
             return self
-        if self._resumed:
-            self._call(self._log_batch, tags={"clipid.eval_stage": self.stage, **self.extra_tags})
+        if self._resumed:  # add this stage's params (an evaluation's: eval.*) to the run's
+            self._call(self._log_resumed)
         else:
             self._call(self._log_batch, params=self._record.params)
         if self.active:
             self._replay_spool()
         return self
+
+    def _stage_params(self) -> dict[str, str]:
+        flat = flatten_params(self.params)
+        chosen = {}
+        for stage in self.param_stages:
+            chosen.update(stage_params(flat, stage, self._root))
+        return {k: str(v)[:_MAX_PARAM_VALUE] for k, v in chosen.items()}
 
     def _open_run(self) -> None:
         """Reopen or create the run (retried as a whole: nothing here is logged twice)."""
@@ -277,10 +299,22 @@ class Tracker:
         if self._resume(client, experiment_id):
             record.resume_run_id = self._run_id
             return
-        run = client.create_run(experiment_id, run_name=self.run_name, tags=record.tags,
+        tags = dict(record.tags)
+        if self.pipeline is not None:
+            tags[PARENT_TAG] = ensure_parent(client, experiment_id, self.pipeline.key,
+                                             self.pipeline.label, pipeline_tags(self.pipeline),
+                                             record.start_time)
+        run = client.create_run(experiment_id, run_name=self.run_name, tags=tags,
                                 start_time=record.start_time)
         self._run_id = run.info.run_id
         record.resume_run_id = record.resume_checkpoint = None  # a run of its own
+
+    def _log_resumed(self) -> None:
+        """Into a reopened run: this stage's tags and the params the run lacks (MLflow refuses
+        to change a logged one)."""
+        held = self._client.get_run(self._run_id).data.params
+        self._log_batch(params={k: v for k, v in self._record.params.items() if k not in held},
+                        tags={"clipid.eval_stage": self.stage, **self.extra_tags})
 
     def _experiment_id(self, record: spool.RunRecord) -> str:
         return _get_or_create_experiment(self._client, record.experiment,
@@ -296,9 +330,10 @@ class Tracker:
             except MlflowException:
                 run = None
         elif self._record.resume_checkpoint:
-            run = checkpoint_run(client, [experiment_id], self._record.resume_checkpoint)
+            run = checkpoint_run(client, [experiment_id], self._record.resume_checkpoint,
+                                 self.pipeline.key if self.pipeline else None)
         if run is None or run.info.lifecycle_stage != "active":
-            if self.resume_id or self.resume_checkpoint:
+            if self.resume_id or (self.resume_checkpoint and self.pipeline is None):
                 # Weights trained against another store: log into a run of its own.
                 log.warning("no MLflow run of %s in %s; starting a new run",
                             self.resume_id or self.resume_checkpoint, self.uri)
@@ -309,14 +344,10 @@ class Tracker:
     def _replay_spool(self) -> None:
         """Runs spooled earlier for this store go in now (unless another process is at it)."""
         try:
-            done = spool.sync(self._client, self._root, self._experiment_id,
-                              only_uri=self.uri, wait=False)
+            replay_spool(self._client, self._root, self.uri, wait=False)
         except Exception as error:  # the spool stays for `clipid tracking sync`
             log.warning("replaying spooled MLflow runs failed (%s: %s); they stay in %s",
                         type(error).__name__, error, spool.spool_dir(self._root))
-            return
-        for entry, run_id in done:
-            log.info("MLflow: replayed spooled run %s as %s", entry.record.run_name, run_id)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -384,6 +415,8 @@ class Tracker:
             "clipid.host": socket.gethostname(),
             "clipid.pid": str(os.getpid()),
             "dvc.stage": os.environ.get("DVC_STAGE", ""),
+            PIPELINE_TAG: self.pipeline.key if self.pipeline else "",
+            spool.PIPELINE_LABEL_TAG: self.pipeline.label if self.pipeline else "",
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
             "git.commit": commit or "",
@@ -504,14 +537,28 @@ class Tracker:
 UNTRACKED: list[str] = []  # what this process could not track; the CLI's last output lines
 
 
-def checkpoint_run(client: Any, experiment_ids: list[str], sha256: str) -> Any | None:
-    """The newest active run that wrote weights of this SHA-256; in ``dvc exp run``, one of the
-    same DVC experiment first (identical weights can come from several runs)."""
-    runs = client.search_runs(experiment_ids, f"tags.`{spool.CHECKPOINT_TAG}` = '{sha256}'",
-                              order_by=["attributes.start_time DESC"])
+def checkpoint_run(client: Any, experiment_ids: list[str], sha256: str,
+                   pipeline: str | None = None) -> Any | None:
+    """The newest active run that wrote weights of this SHA-256: of the pipeline execution
+    ``pipeline`` when given (None if it has none); else one of the same DVC experiment first
+    (identical weights can come from several runs)."""
+    query = f"tags.`{spool.CHECKPOINT_TAG}` = '{sha256}'"
+    if pipeline is not None:
+        query += f" and tags.`{PIPELINE_TAG}` = '{pipeline}'"
+    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"])
     exp_name = os.environ.get("DVC_EXP_NAME")
     same = [r for r in runs if exp_name and r.data.tags.get("dvc.exp_name") == exp_name]
     return (same or runs or [None])[0]
+
+
+def pipeline_tags(pipeline: Pipeline) -> dict[str, str]:
+    """The parent run's tags (besides its key and role)."""
+    return {**pipeline.tags, spool.PIPELINE_LABEL_TAG: pipeline.label}
+
+
+def own_artifact_location(root: Path) -> str | None:
+    """Our own store keeps artifacts beside mlflow.db; a user's store uses its default."""
+    return None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_root(root).as_uri()
 
 
 def _reap_dead_runs(client: Any, experiment_id: str) -> None:
@@ -543,22 +590,47 @@ def find_runs(stage: str | None = None, root: Path | None = None) -> list[Any]:
                                    order_by=["attributes.start_time DESC"]))
 
 
+def open_store(uri: str, experiment: str, location: str | None) -> tuple[Any, str]:
+    """A client of the store at ``uri`` and the id of ``experiment`` in it (retried)."""
+    _check_reachable(uri)
+    client = with_retries(mlflow_client, uri)
+    return client, with_retries(_get_or_create_experiment, client, experiment, location)
+
+
+def replay_spool(client: Any, root: Path, uri: str | None, wait: bool = True
+                 ) -> list[tuple[spool.SpoolEntry, str]]:
+    """Replay the spooled runs, then reconcile the spooled pipeline views, into ``client``'s
+    store: those meant for ``uri``, or all of them (``None``: ``clipid tracking sync``, which
+    gives a run meant for another store this store's artifact location)."""
+    from clipid.reconcile import replay_pending
+
+    here = tracking_uri(root) if uri is None else uri
+
+    def experiment_id(name: str, location: str | None, meant_for: str) -> str:
+        if meant_for != here:
+            location = own_artifact_location(root)
+        return _get_or_create_experiment(client, name, location)
+
+    def views() -> None:
+        for snap, changes in replay_pending(client, root, experiment_id, only_uri=uri):
+            log.info("MLflow: reconciled the spooled view of %s (%d changes)", snap.label,
+                     len(changes))
+
+    done = spool.sync(client, root, lambda r: experiment_id(r.experiment, r.artifact_location,
+                                                            r.uri), only_uri=uri, wait=wait,
+                      then=views)
+    for entry, run_id in done:
+        log.info("MLflow: replayed spooled run %s as %s", entry.record.run_name, run_id)
+    return done
+
+
 def sync_spool(root: Path | None = None) -> list[tuple[spool.SpoolEntry, str]]:
     """``clipid tracking sync``: replay every pending spooled run into the current store
     (``MLFLOW_TRACKING_URI`` or this repository's), whichever store it was meant for."""
     root = root or store_root()
     uri = tracking_uri(root)
     _check_reachable(uri)
-    client = with_retries(mlflow_client, uri)
-
-    def experiment_id(record: spool.RunRecord) -> str:
-        # A run meant for another store gets this store's artifact location, not that one's.
-        location = record.artifact_location if record.uri == uri else None
-        if location is None and not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = artifact_root(root).as_uri()
-        return _get_or_create_experiment(client, record.experiment, location)
-
-    return spool.sync(client, root, experiment_id)
+    return replay_spool(with_retries(mlflow_client, uri), root, None)
 
 
 def spool_status(root: Path | None = None) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from clipid.files import file_sha256
+from clipid.tracking_pipeline import PARENT_TAG, PIPELINE_TAG, ensure_parent
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ FORMAT = 1
 SMALL_FILE = 1 << 20              # artifacts up to 1 MiB are copied into the spool
 _BATCH = 1000                     # MLflow's log_batch limit for metrics (params: 100)
 CHECKPOINT_TAG = "clipid.checkpoint.sha256"
+PIPELINE_LABEL_TAG = "clipid.pipeline.label"  # the parent run's name, for replay
 
 
 def now_ms() -> int:
@@ -125,8 +127,19 @@ def write(record: RunRecord, root: Path) -> Path:
     """Write ``record`` atomically to the spool (copying its small artifacts) and return it."""
     folder = spool_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
-    files = folder / f"{record.id}.files"
-    for number, artifact in enumerate(record.artifacts):
+    copy_small_artifacts(record.artifacts, folder, folder / f"{record.id}.files")
+    path = folder / f"{record.id}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, **asdict(record)}, indent=1) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def copy_small_artifacts(artifacts: list[dict], folder: Path, files: Path) -> None:
+    """Copy each artifact up to SMALL_FILE bytes into ``files/<n>/`` (its ``copy``, relative to
+    ``folder``): the next run of its stage overwrites the original."""
+    for number, artifact in enumerate(artifacts):
         source = Path(artifact["path"])
         if artifact["copy"] or not source.is_file() or source.stat().st_size > SMALL_FILE:
             continue
@@ -136,12 +149,6 @@ def write(record: RunRecord, root: Path) -> Path:
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, copy)
         artifact["copy"] = str(copy.relative_to(folder))
-    path = folder / f"{record.id}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **asdict(record)}, indent=1) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def pending(root: Path) -> list[SpoolEntry]:
@@ -179,10 +186,12 @@ def _sync_lock(root: Path, wait: bool) -> Iterator[bool]:
 
 
 def sync(client: Any, root: Path, experiment_id: Callable[[RunRecord], str],
-         only_uri: str | None = None, wait: bool = True) -> list[tuple[SpoolEntry, str]]:
+         only_uri: str | None = None, wait: bool = True,
+         then: Callable[[], Any] | None = None) -> list[tuple[SpoolEntry, str]]:
     """Replay the pending runs (those meant for ``only_uri`` when given) into ``client``'s store;
     each replayed one leaves the spool. Returns ``(entry, run id)`` of each replayed run.
-    Runs still in progress stay; a run whose process died before it ended replays FAILED."""
+    Runs still in progress stay; a run whose process died before it ended replays FAILED.
+    ``then`` runs afterwards under the same lock (the spooled pipeline views)."""
     done: list[tuple[SpoolEntry, str]] = []
     with _sync_lock(root, wait) as locked:
         if not locked:
@@ -197,6 +206,8 @@ def sync(client: Any, root: Path, experiment_id: Callable[[RunRecord], str],
                             type(error).__name__, error)
                 continue
             remove(entry)
+        if then is not None:
+            then()
     return done
 
 
@@ -212,7 +223,8 @@ def replay(client: Any, entry: SpoolEntry, experiment_id: Callable[[RunRecord], 
         exp = experiment_id(record)
         for stale in client.search_runs([exp], f"tags.`clipid.spool.id` = '{record.id}'"):
             client.delete_run(stale.info.run_id)  # an earlier replay that did not finish
-        run_id = client.create_run(exp, start_time=record.start_time, tags=tags,
+        run_id = client.create_run(exp, start_time=record.start_time,
+                                   tags={**tags, **_parent(client, exp, record)},
                                    run_name=record.run_name).info.run_id
         params = [Param(k, v) for k, v in sorted(record.params.items())]
         for start in range(0, len(params), 100):
@@ -226,13 +238,26 @@ def replay(client: Any, entry: SpoolEntry, experiment_id: Callable[[RunRecord], 
     if missing:
         tags["clipid.spool.missing_artifacts"] = ", ".join(missing)
     if target is not None:  # an evaluation: the training run keeps its own tags
-        tags = {"clipid.eval_stage": record.tags.get("clipid.stage", ""),
+        tags = {"clipid.eval_stage": record.tags.get("clipid.eval_stage",
+                                                     record.tags.get("clipid.stage", "")),
                 **{k: v for k, v in tags.items() if k.startswith("clipid.spool.")}}
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     if target is None:
         client.set_terminated(run_id, status=status, end_time=record.end_time or now_ms())
     _supersede(client, record, run_id)
     return run_id
+
+
+def _parent(client: Any, experiment_id: str, record: RunRecord) -> dict[str, str]:
+    """The parent-run tag of a run of a pipeline execution (the parent found or created)."""
+    key = record.tags.get(PIPELINE_TAG)
+    if not key:
+        return {}
+    parent_keys = ("dvc.exp_name", "dvc.exp_baseline_rev", "git.commit", PIPELINE_LABEL_TAG)
+    tags = {k: record.tags[k] for k in parent_keys if record.tags.get(k)}
+    label = record.tags.get(PIPELINE_LABEL_TAG) or key
+    return {PARENT_TAG: ensure_parent(client, experiment_id, key, label, tags,
+                                      record.start_time)}
 
 
 def _resume_target(client: Any, record: RunRecord,
@@ -246,10 +271,11 @@ def _resume_target(client: Any, record: RunRecord,
             if run.info.lifecycle_stage == "active":
                 return run.info.run_id
     if record.resume_checkpoint:
-        runs = client.search_runs(
-            [experiment_id(record)],
-            f"tags.`{CHECKPOINT_TAG}` = '{record.resume_checkpoint}'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+        query = f"tags.`{CHECKPOINT_TAG}` = '{record.resume_checkpoint}'"
+        if record.tags.get(PIPELINE_TAG):  # the training run of the same pipeline execution
+            query += f" and tags.`{PIPELINE_TAG}` = '{record.tags[PIPELINE_TAG]}'"
+        runs = client.search_runs([experiment_id(record)], query,
+                                  order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
             return runs[0].info.run_id
     return None

@@ -8,6 +8,7 @@ model recreated for Stage 1): no run id or version number ever goes into a DVC o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -23,8 +24,9 @@ from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Champion", "best_stages", "holds_clip_model", "log_checkpoint_model",
-           "log_stage_model", "move_champions", "stage_digest"]
+__all__ = ["Champion", "best_stages", "drop_duplicate_versions", "holds_clip_model",
+           "log_checkpoint_model", "log_stage_model", "move_champions", "registered_versions",
+           "stage_digest"]
 
 SHA_TAG = "clipid.weights_sha256"
 STAGE_TAG = "clipid.stage"
@@ -63,6 +65,7 @@ def log_stage_model(client: Any, run_id: str, clip: Any, stage: str) -> dict[str
     with tempfile.TemporaryDirectory(prefix="clipid-model-") as tmp:
         digest = save_pyfunc(clip, stage, Path(tmp) / ARTIFACT_PATH, has_text)
         client.log_artifacts(run_id, str(Path(tmp) / ARTIFACT_PATH), ARTIFACT_PATH)
+    client.set_tag(run_id, SHA_TAG, digest)  # the run's model, found by its weights
     source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
     versions = {}
     for name in (IMAGE_MODEL, TEXT_MODEL) if has_text else (IMAGE_MODEL,):
@@ -84,10 +87,53 @@ def holds_clip_model(checkpoint: Path) -> bool:
 
 def log_checkpoint_model(client: Any, run_id: str, checkpoint: Path, stage: str
                          ) -> dict[str, str]:
-    """:func:`log_stage_model` of the model in ``checkpoint``."""
+    """:func:`log_stage_model` of the model in ``checkpoint``, unless the registry holds these
+    weights already (a deterministic rebuild, a stage DVC restored in another experiment): one
+    version per distinct weights, which the run is tagged with."""
+    from clipid.models.checkpoint import file_sha256
     from clipid.models.factory import load_model
 
-    return log_stage_model(client, run_id, load_model(checkpoint), stage)
+    digest = file_sha256(checkpoint)
+    known = registered_versions(client, digest)
+    if known:
+        client.set_tag(run_id, SHA_TAG, digest)
+        log.info("%s: weights registered already (%s)", stage,
+                 ", ".join(f"{n} version {v}" for n, v in known.items()))
+        return known
+    versions = log_stage_model(client, run_id, load_model(checkpoint), stage)
+    drop_duplicate_versions(client, digest)
+    return versions
+
+
+def drop_duplicate_versions(client: Any, digest: str) -> None:
+    """Two processes that registered the same weights at once (parallel experiments that both
+    restored a stage): the oldest version stays, the others go."""
+    from mlflow.exceptions import MlflowException
+
+    for name in (IMAGE_MODEL, TEXT_MODEL):
+        try:
+            versions = sorted(int(v.version) for v in client.search_model_versions(
+                f"name = '{name}'") if v.tags.get(SHA_TAG) == digest)
+        except MlflowException:
+            continue
+        for extra in versions[1:]:
+            with contextlib.suppress(MlflowException):  # the other process deleted it first
+                client.delete_model_version(name, str(extra))
+
+
+def registered_versions(client: Any, digest: str) -> dict[str, str]:
+    """``{registered model: newest version holding weights digest}``."""
+    from mlflow.exceptions import MlflowException
+
+    found = {}
+    for name in (IMAGE_MODEL, TEXT_MODEL):
+        try:
+            version = _version_of(client, name, digest)
+        except MlflowException:  # no such registered model yet
+            version = None
+        if version is not None:
+            found[name] = version
+    return found
 
 
 def stage_digest(params: Params, stage: str, workspace: Workspace | None = None

@@ -15,6 +15,7 @@ import time
 from clipid.config import Params
 from clipid.data.dataset import PreparedData
 from clipid.evaluation import EvalResult, evaluate, write_results
+from clipid.lineage import checkpoint_tags
 from clipid.models.stages import model_for_stage
 from clipid.runtime import setup_runtime, teardown_runtime
 from clipid.stage_registry import get_stage
@@ -58,9 +59,7 @@ def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = Non
     log.info("%s: i2i R1 %.4f mAP %.4f | t2i R1 %.4f mAP %.4f", stage, i2i["R1"],
              i2i["mAP"], t2i.get("R1", float("nan")), t2i.get("mAP", float("nan")))
 
-    checkpoint = None if pretrained else workspace.weights(stage)
-    with Tracker(stage=get_stage(stage).evaluated_by, params=params, run_name=stage,
-                 checkpoint=checkpoint) as tracker:
+    with _tracker(params, stage, workspace) as tracker:
         tracker.log_metrics({**eval_metrics(result.metrics), "eval_seconds": seconds})
         if pretrained:  # trained stages logged theirs when training
             tracker.log_model(clip, stage)
@@ -69,6 +68,20 @@ def evaluate_stage(params: Params, stage: str, workspace: Workspace | None = Non
                              (roc_path, "eval/roc"), (examples_path, "eval/examples")):
             tracker.log_artifact(path, folder)
     return result
+
+
+def _tracker(params: Params, stage: str, workspace: Workspace) -> Tracker:
+    """Stage 1's run, or the run of this pipeline execution that trained the model (found by
+    its weights' SHA-256). When DVC did not train it here (restored from its cache), the
+    evaluation starts that stage's run: the training stage's tags and params, with the
+    weights' hashes, which `clipid track` then completes."""
+    info = get_stage(stage)
+    if info.is_pretrained:
+        return Tracker(stage=info.evaluated_by, params=params, run_name=stage)
+    checkpoint = workspace.weights(stage)
+    return Tracker(stage=info.dvc_stage, params=params, run_name=stage, checkpoint=checkpoint,
+                   param_stages=(info.dvc_stage, info.evaluated_by),
+                   tags={"clipid.eval_stage": info.evaluated_by, **checkpoint_tags(checkpoint)})
 
 
 def eval_metrics(metrics: dict) -> dict[str, float]:

@@ -23,7 +23,7 @@ from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["index_stage"]
+__all__ = ["index_metrics", "index_stage"]
 
 
 def index_stage(params: Params, workspace: Workspace | None = None) -> dict[str, dict]:
@@ -41,11 +41,16 @@ def index_stage(params: Params, workspace: Workspace | None = None) -> dict[str,
     metrics_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
                             encoding="utf-8")
     with Tracker(stage="index", params=params, run_name="index") as tracker:
-        tracker.log_metrics({f"index/{m}/{k}": float(v) for m, e in summary.items()
-                             for k, v in e.items() if isinstance(v, (int, float))})
+        tracker.log_metrics(index_metrics(summary))
         tracker.log_metrics({f"index/{m}/build_seconds": s for m, s in seconds.items()})
         tracker.log_artifact(metrics_path, "index")
     return summary
+
+
+def index_metrics(summary: dict[str, dict]) -> dict[str, float]:
+    """``{"index/stage4/images": ...}``: the numbers of ``metrics/index.json`` for MLflow."""
+    return {f"index/{m}/{k}": float(v) for m, e in summary.items()
+            for k, v in e.items() if isinstance(v, (int, float))}
 
 
 def _build_all(params: Params, workspace: Workspace, device
