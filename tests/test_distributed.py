@@ -22,6 +22,7 @@ import yaml
 
 from clipid.config import Params, params_from_dict
 from clipid.errors import ClipidError
+from clipid.models.stages import model_for_stage
 from clipid.runtime import autocast, grad_scaler, resolve_precision
 from clipid.stages.launch import cli_launch_command, needs_launch
 from clipid.training.engine import Trainer
@@ -96,9 +97,8 @@ def test_two_processes_train_what_one_process_trains(prepared, tmp_path):
 
     # One process with the same global batch: the same training, up to the order of float sums.
     single = _train(params_from_dict(raw), "stage2", prepared, tmp_path / "single")
-    start = Trainer(params_from_dict(raw), "stage2", device=CPU,
-                    workspace=workspace_over(prepared, tmp_path / "unused")
-                    )._initial_model().model.state_dict()
+    start = model_for_stage(params_from_dict(raw), "stage1", CPU,
+                            workspace_over(prepared, tmp_path / "unused")).model.state_dict()
     # Adam divides by the gradient's magnitude, so a parameter whose gradient is float noise
     # moves by noise: compare the whole update, not each weight.
     gap = sum(float((ranks[0]["stage2"][k] - v).square().sum()) for k, v in single.items())

@@ -71,6 +71,11 @@ def mlflow_runs(repo: Path) -> list:
     return client.search_runs([e.experiment_id for e in experiments])
 
 
+def stage_runs(repo: Path) -> list:
+    """The stage runs (tag clipid.stage), without the parent run of each pipeline execution."""
+    return [r for r in mlflow_runs(repo) if "clipid.stage" in r.data.tags]
+
+
 @pytest.mark.slow
 def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -98,7 +103,10 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     assert "stage4.json" in shown
 
     # One MLflow run per training stage (with its evaluation), one for Stage 1, one report.
-    runs = {r.data.tags["clipid.stage"]: r for r in mlflow_runs(micro_repo)}
+    # ... nested under one parent run of this execution (issue 24).
+    [parent] = [r for r in mlflow_runs(micro_repo) if "clipid.stage" not in r.data.tags]
+    runs = {r.data.tags["clipid.stage"]: r for r in stage_runs(micro_repo)}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
     assert set(runs) == {"evaluate_stage1", "train_stage2", "train_stage3", "train_stage4",
                          "clipreid_prompts", "clipreid_image", "index", "report"}
     assert "eval/i2i/mAP" in runs["clipreid_image"].data.metrics
@@ -145,7 +153,7 @@ def test_dvc_repro_runs_the_whole_dag_then_does_nothing(micro_repo: Path, monkey
     for stage in ("train_stage2", "train_stage3", "train_stage4", "evaluate@stage2",
                   "clipreid_image", "index", "report", "register", "export"):
         assert f"Running stage '{stage}'" in out
-    lrs = [r.data.params["train.lr"] for r in mlflow_runs(micro_repo)
+    lrs = [r.data.params["train.lr"] for r in stage_runs(micro_repo)
            if r.data.tags["clipid.stage"] == "train_stage2"]
     assert sorted(lrs) == ["0.001", "1e-05"]
     diff = sh(micro_repo, "dvc", "metrics", "diff", "HEAD")

@@ -30,8 +30,8 @@ from typing import Any
 from clipid.config import Params, flatten_params, params_from_dict
 from clipid.deploy import CHAMPION
 from clipid.deploy.registry import SHA_TAG, drop_duplicate_versions, registered_versions
-from clipid.lineage import checkpoint_tags
 from clipid.files import file_sha256, sidecar_path
+from clipid.lineage import checkpoint_tags
 from clipid.stage_registry import STAGES, StageInfo
 from clipid.tracking_pipeline import (
     PARENT_TAG,

@@ -220,7 +220,9 @@ class Tracker:
         self.enabled = enabled
         self.params = params
         self.param_stages = param_stages or (stage,)
-        self.run_name = run_name or stage
+        # The model stage (stage4, ...): its registered versions are tagged with it, while the
+        # run's name gets the execution's label in front (``<label>/stage4``).
+        self.model_stage = self.run_name = run_name or stage
         self.pipeline: Pipeline | None = None
         self.extra_tags = dict(tags or {})
         self.resume_id = run_id
@@ -511,7 +513,8 @@ class Tracker:
         if not (self.active and holds_clip_model(checkpoint)):
             self.log_artifact(checkpoint, "checkpoint", sha256=sha256)
             return
-        self._call(log_checkpoint_model, self._client, self._run_id, checkpoint, self.run_name)
+        self._call(log_checkpoint_model, self._client, self._run_id, checkpoint,
+                   self.model_stage)
         if not self.active:  # the store failed during the upload: the spooled run keeps the file
             self._record.add_artifact(checkpoint, "checkpoint", sha256)
 
