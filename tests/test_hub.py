@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from safetensors.torch import save_file
 from clipid import cli
 from clipid.models import MODEL_CONFIG_DIR
 from clipid.models.factory import ModelLoadError, create_model
+
+from _browser import free_port
 
 TINY = "clipid-vit-tiny"
 COMMIT = "0" * 40
@@ -48,9 +49,7 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty local hub cache, and a hub that refuses connections (a closed loopback port)."""
     import huggingface_hub.constants as hf
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # free now, and nobody listens on it
+    port = free_port()  # free now, and nobody listens on it
     cache = tmp_path / "hub"
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf, "ENDPOINT", f"http://127.0.0.1:{port}")

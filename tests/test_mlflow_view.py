@@ -13,17 +13,16 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from test_pipeline import sh
+from test_pipeline import sh, wait_for_queue
 
+from _browser import free_port
 from conftest import VENV_BIN, MicroBuild, micro_clone
 
 pytestmark = pytest.mark.slow
@@ -223,18 +222,12 @@ def test_a_clone_restored_from_the_run_cache_holds_every_stage(micro_built: Micr
     assert runs["index"].data.tags["clipid.restored"] == "dvc"
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_with_the_store_down_the_spool_replays_to_the_same_state(
         micro_built: MicroBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     up = micro_clone(micro_built.origin, tmp_path / "up", micro_built.cache)
     sh(up, "dvc", "repro")
     down = micro_clone(micro_built.origin, tmp_path / "down", micro_built.cache)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
     out = sh(down, "dvc", "repro")
     assert "not reconciled: spooled to" in out
     assert not (down / "mlflow.db").exists()
@@ -244,16 +237,6 @@ def test_with_the_store_down_the_spool_replays_to_the_same_state(
     commit = head(down)
     assert_complete(down, down, f"repro:{commit}", commit[:7])
     assert store_state(down) == store_state(up)
-
-
-def _wait_for_queue(repo: Path, timeout_s: float = 1800) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = sh(repo, "dvc", "queue", "status")
-        if not re.search(r"\b(Running|Queued)\b", status):
-            return status
-        time.sleep(5)
-    raise AssertionError(f"the queue did not finish in {timeout_s} s:\n{status}")
 
 
 def test_two_queued_experiments_in_parallel_each_hold_every_stage(
@@ -269,7 +252,7 @@ def test_two_queued_experiments_in_parallel_each_hold_every_stage(
     sh(repo, "dvc", "exp", "run", "--queue", "-n", "same-lr", "-S", "train.lr=1e-3")
     sh(repo, "dvc", "exp", "run", "--queue", "-n", "double-lr", "-S", "train.lr=2e-3")
     sh(repo, "dvc", "queue", "start", "-j", "2")
-    status = _wait_for_queue(repo)
+    status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
     champions = set()
     for name in ("same-lr", "double-lr"):

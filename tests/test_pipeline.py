@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def sh(cwd: Path, *cmd: str, timeout: int = 1800) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
+
+
+def wait_for_queue(repo: Path, timeout_s: float = 1800) -> str:
+    """``dvc queue status`` once no experiment is queued or running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = sh(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(2)  # polling DVC's queue, not timing anything
+    pytest.fail(f"the queue did not finish within {timeout_s} s:\n{status}")
 
 
 def write_micro_pipeline(repo: Path) -> Path:

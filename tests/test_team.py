@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from _servers import (
     tracking_server,
     why_no_s3,
 )
-from test_pipeline import STAGES, sh, write_micro_pipeline
+from test_pipeline import STAGES, sh, wait_for_queue, write_micro_pipeline
 
 from conftest import TeamServer
 
@@ -132,17 +131,6 @@ def test_the_champion_loads_from_the_team_server(team_server: TeamServer,
     assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-5)
 
 
-def _wait_for_the_queue(repo: Path) -> str:
-    """``dvc queue status`` once no experiment is queued or running."""
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        status = sh(repo, "dvc", "queue", "status")
-        if not re.search(r"\b(Queued|Running)\b", status):
-            return status
-        time.sleep(2)  # polling DVC's queue, not timing anything
-    pytest.fail(f"the queue did not finish within 30 min:\n{status}")
-
-
 @pytest.mark.slow
 @pytest.mark.team
 def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
@@ -154,7 +142,7 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
         sh(first, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "train_stage2")
     sh(first, "dvc", "queue", "start", "-j", "2")
     try:
-        status = _wait_for_the_queue(first)
+        status = wait_for_queue(first)
     finally:
         sh(first, "dvc", "queue", "stop")  # DVC's own workers, by DVC
     assert status.count("Success") == 2 and "Failed" not in status, status
