@@ -318,7 +318,20 @@ class RuntimeParams:
 
 @dataclass(frozen=True)
 class MlflowParams:
+    """Tracking, and who moves the Model Registry's production alias (README: Team setup)."""
+
     log_checkpoints: bool = True
+    # auto: champion moves from the production branch's pipeline on a shared store (from every
+    # pipeline on the repository's own); always; never. Others set candidate-<exp or branch>.
+    promote: Literal["auto", "always", "never"] = "auto"
+    production_branch: str = "main"
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not re.fullmatch(r"[^\s~^:?*\[\\]+", self.production_branch) or \
+                self.production_branch.startswith("-"):
+            return [("production_branch", f"is {self.production_branch!r}; give a git branch "
+                                          "name, e.g. main")]
+        return []
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,15 @@ of ``metrics/<stage>.json``, Stage 1's run, the report's and the index's runs, a
 stages of ``metrics/register.json``. :func:`reconcile` makes the store hold exactly that: it
 creates what is missing (a run DVC restored instead of running is tagged ``clipid.restored``),
 adds what a run lacks, registers weights no version holds yet (one version per distinct
-weights), and points the ``champion`` aliases at ``register.json``'s stages. What is there
-already is left alone, so a second ``dvc repro`` with nothing to do adds no run and no version.
+weights), and points the pipeline's alias (``champion`` or its candidate alias, by the champion
+policy: :mod:`clipid.deploy.promotion`) at ``register.json``'s stages. What is there already is
+left alone, so a second ``dvc repro`` with nothing to do adds no run and no version.
 
 When the store cannot be reached, the snapshot goes to the spool
-(``.clipid/spool/pipelines/<id>.json``, small files copied, checkpoints by path and SHA-256 like
-spooled runs) and is reconciled after the spooled runs are replayed, by the next stage that
-reaches the store or by ``clipid tracking sync``.
+(``.clipid/spool/pipelines/<id>.json``), its files and checkpoints kept by content like a spooled
+run's (:func:`clipid.tracking_spool.keep_artifacts`: DVC deletes a temporary experiment's
+workspace), with the alias decided then, and is reconciled after the spooled runs are replayed,
+by the next stage that reaches the store or by ``clipid tracking sync``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from clipid.config import Params, flatten_params, params_from_dict
 from clipid.deploy import CHAMPION
+from clipid.deploy.promotion import promotion_alias
 from clipid.deploy.registry import SHA_TAG, drop_duplicate_versions, registered_versions
 from clipid.files import file_sha256, sidecar_path
 from clipid.lineage import checkpoint_tags
@@ -42,8 +45,10 @@ from clipid.tracking_pipeline import (
 )
 from clipid.tracking_spool import (
     CHECKPOINT_TAG,
+    MISSING_TAG,
     PIPELINE_LABEL_TAG,
-    copy_small_artifacts,
+    keep_artifacts,
+    kept_file,
     now_ms,
     spool_dir,
 )
@@ -69,11 +74,18 @@ class RunView:
     artifacts: list[dict] = field(default_factory=list)   # path, artifact_path, sha256, copy
     model: str | None = None                    # "checkpoint" or "pretrained": register it
     checkpoint: str | None = None               # the weights' path ("checkpoint" models)
+    checkpoint_copy: str | None = None          # ... kept in the spool, with its sidecar
 
     def add_artifact(self, path: Path, artifact_path: str) -> None:
         if path.is_file():
             self.artifacts.append({"path": str(path.resolve()), "artifact_path": artifact_path,
                                    "sha256": file_sha256(path), "copy": None})
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        """The checkpoint in the form of a spooled artifact (path, SHA-256, kept copy)."""
+        return {"path": self.checkpoint or "", "artifact_path": "checkpoint", "model": self.name,
+                "sha256": self.tags.get(CHECKPOINT_TAG, ""), "copy": self.checkpoint_copy}
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Snapshot:
     params_yaml: dict[str, Any]                 # the params (Stage 1's model is rebuilt)
     runs: list[RunView] = field(default_factory=list)
     champions: dict[str, str] = field(default_factory=dict)   # registered model -> stage
+    alias: str = CHAMPION                       # the one they get (the champion policy)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=now_ms)
 
@@ -128,6 +141,7 @@ def snapshot(params: Params, raw_params: dict[str, Any], workspace: Workspace | 
     if workspace.register_metrics.is_file():
         chosen = json.loads(workspace.register_metrics.read_text(encoding="utf-8"))
         snap.champions = {model: block["stage"] for model, block in chosen.items()}
+        snap.alias = promotion_alias(params.mlflow, root)
     return snap
 
 
@@ -205,11 +219,11 @@ def reconcile(client: Any, snap: Snapshot, experiment_id: str,
             changes.append(f"run {snap.label}/{view.name}: created ({RESTORED_TAG})")
         done = _complete(client, run, view, spooled)
         if view.model:
-            digest, registered = _ensure_model(client, run, view, snap)
+            digest, registered = _ensure_model(client, run, view, snap, spooled)
             digests[view.name] = digest
             done += registered
         changes += [f"run {snap.label}/{view.name}: {what}" for what in done]
-    return changes + _move_aliases(client, snap.champions, digests)
+    return changes + _move_aliases(client, snap.champions, digests, snap.alias)
 
 
 def _find_run(client: Any, experiment_id: str, key: str, view: RunView) -> Any | None:
@@ -260,20 +274,18 @@ def _add_artifacts(client: Any, run_id: str, view: RunView, spooled: Path | None
             held[folder] = {Path(f.path).name for f in client.list_artifacts(run_id, folder)}
         if source.name in held[folder]:
             continue
-        if artifact["copy"] and spooled is not None:
-            source = spooled / artifact["copy"]
-        elif not source.is_file() or file_sha256(source) != artifact["sha256"]:
+        kept = kept_file(artifact, spooled)
+        if kept is None:
             missing.append(source.name)  # changed since the snapshot: not logged wrongly
             continue
-        client.log_artifact(run_id, str(source), folder)
+        client.log_artifact(run_id, str(kept), folder)
         added.append(f"{folder}/{source.name}")
     if missing:
-        client.log_batch(run_id, tags=[RunTag("clipid.spool.missing_artifacts",
-                                              ", ".join(missing))])
+        client.log_batch(run_id, tags=[RunTag(MISSING_TAG, ", ".join(missing))])
     return [f"artifacts {', '.join(added)}"] if added else []
 
 
-def _ensure_model(client: Any, run: Any, view: RunView, snap: Snapshot
+def _ensure_model(client: Any, run: Any, view: RunView, snap: Snapshot, spooled: Path | None
                   ) -> tuple[str | None, list[str]]:
     """The digest of the stage's weights, and whether they had to be registered now."""
     from clipid.deploy.registry import log_checkpoint_model, log_stage_model
@@ -284,10 +296,10 @@ def _ensure_model(client: Any, run: Any, view: RunView, snap: Snapshot
             client.set_tag(run.info.run_id, SHA_TAG, digest)
         return digest, []
     if view.model == "checkpoint":
-        checkpoint = Path(view.checkpoint or "")
-        if not checkpoint.is_file() or file_sha256(checkpoint) != digest:
+        checkpoint = kept_file(view.weights, spooled)  # the spool's copy outlives a temp workspace
+        if checkpoint is None or view.weights["sha256"] != digest:
             log.warning("%s: %s changed since it was tracked; no model version logged",
-                        view.name, checkpoint)
+                        view.name, view.checkpoint)
             return digest, []
         versions = log_checkpoint_model(client, run.info.run_id, checkpoint, view.name)
     else:
@@ -301,9 +313,9 @@ def _ensure_model(client: Any, run: Any, view: RunView, snap: Snapshot
     return digest, [f"registered {', '.join(f'{n} version {v}' for n, v in versions.items())}"]
 
 
-def _move_aliases(client: Any, champions: dict[str, str], digests: dict[str, str | None]
-                  ) -> list[str]:
-    """Alias ``champion`` of each registered model on the version register.json's stage holds."""
+def _move_aliases(client: Any, champions: dict[str, str], digests: dict[str, str | None],
+                  alias: str = CHAMPION) -> list[str]:
+    """``alias`` of each registered model on the version register.json's stage holds."""
     from mlflow.exceptions import MlflowException
 
     changes = []
@@ -312,15 +324,15 @@ def _move_aliases(client: Any, champions: dict[str, str], digests: dict[str, str
             if digests.get(stage) else None
         if version is None:
             log.warning("%s: %s has no registered version; alias '%s' not moved", model, stage,
-                        CHAMPION)
+                        alias)
             continue
         try:
-            current = str(client.get_model_version_by_alias(model, CHAMPION).version)
+            current = str(client.get_model_version_by_alias(model, alias).version)
         except MlflowException:
             current = None
         if current != version:
-            client.set_registered_model_alias(model, CHAMPION, version)
-            changes.append(f"{model}@{CHAMPION} -> version {version} ({stage})")
+            client.set_registered_model_alias(model, alias, version)
+            changes.append(f"{model}@{alias} -> version {version} ({stage})")
     return changes
 
 
@@ -333,11 +345,17 @@ def _folder(root: Path) -> Path:
 
 
 def write_spooled(snap: Snapshot, root: Path) -> Path:
-    """Keep ``snap`` for a later reconciliation (small files copied); returns its path."""
+    """Keep ``snap`` for a later reconciliation, its files and checkpoints kept by content;
+    returns its path."""
     folder = _folder(root)
     folder.mkdir(parents=True, exist_ok=True)
     for number, view in enumerate(snap.runs):
-        copy_small_artifacts(view.artifacts, folder, folder / f"{snap.id}.files" / str(number))
+        files = folder / f"{snap.id}.files" / str(number)
+        keep_artifacts(view.artifacts, folder, files)
+        if view.model == "checkpoint" and view.checkpoint:
+            weights = [view.weights]
+            keep_artifacts(weights, folder, files / "weights")
+            view.checkpoint_copy = weights[0]["copy"]
     path = folder / f"{snap.id}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(snap), indent=1) + "\n", encoding="utf-8")

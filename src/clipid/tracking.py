@@ -505,18 +505,18 @@ class Tracker:
         self.log_artifact(sidecar_path(checkpoint), "checkpoint")
 
     def _log_weights(self, checkpoint: Path, sha256: str) -> None:
-        """A CLIP model goes up as its registered MLflow Model (the weights once, inside it).
-        Other checkpoints (CLIP-ReID's prompts), and any once the store is out of reach, go as
-        the file, which the spool keeps for replay."""
+        """A CLIP model goes up as its registered MLflow Model (the weights once, inside it);
+        other checkpoints (CLIP-ReID's prompts) as the file. Once the store is out of reach
+        the spool keeps the file, marked as the stage's model, and its replay registers it."""
         from clipid.deploy.registry import holds_clip_model, log_checkpoint_model
 
-        if not (self.active and holds_clip_model(checkpoint)):
+        if not holds_clip_model(checkpoint):
             self.log_artifact(checkpoint, "checkpoint", sha256=sha256)
             return
         self._call(log_checkpoint_model, self._client, self._run_id, checkpoint,
                    self.model_stage)
-        if not self.active:  # the store failed during the upload: the spooled run keeps the file
-            self._record.add_artifact(checkpoint, "checkpoint", sha256)
+        if not self.active:  # the store was out of reach, or failed during the upload
+            self._record.add_artifact(checkpoint, "checkpoint", sha256, model=self.model_stage)
 
     def log_model(self, clip: Any, stage: str) -> None:
         """The MLflow Model of ``clip`` (clipid.deploy), registered as clipid-image/-text; the

@@ -24,7 +24,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PARENT_TAG", "PIPELINE_TAG", "ROLE_TAG", "Pipeline", "current_pipeline",
+__all__ = ["PARENT_TAG", "PIPELINE_TAG", "ROLE_TAG", "Pipeline", "current_pipeline", "git_output",
            "ensure_parent", "stage_params"]
 
 PIPELINE_TAG = "clipid.pipeline"    # the key of the execution, on the parent and its children
@@ -43,7 +43,8 @@ class Pipeline:
         return f"{self.label}/{stage}"
 
 
-def _git(root: Path, *args: str) -> str | None:
+def git_output(root: Path, *args: str) -> str | None:
+    """What ``git *args`` prints in ``root``, stripped; None when it fails."""
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                              timeout=10, check=False)
@@ -54,7 +55,7 @@ def _git(root: Path, *args: str) -> str | None:
 
 def _uncommitted_digest(root: Path) -> str | None:
     """A digest of params.yaml and dvc.yaml when either differs from the commit."""
-    if not _git(root, "status", "--porcelain", "--", *_FILES):
+    if not git_output(root, "status", "--porcelain", "--", *_FILES):
         return None
     digest = hashlib.sha256()
     for name in _FILES:
@@ -67,7 +68,7 @@ def current_pipeline(root: Path) -> Pipeline | None:
     """The execution this process belongs to (``root``: the DVC workspace, where the store is);
     None outside a DVC experiment and a git repository (a stage run by hand in a folder, the
     unit tests' stores): its runs then stand alone."""
-    commit = _git(root, "rev-parse", "HEAD")
+    commit = git_output(root, "rev-parse", "HEAD")
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
     tags = {k: v for k, v in (("dvc.exp_name", exp_name), ("dvc.exp_baseline_rev", baseline),

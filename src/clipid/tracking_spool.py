@@ -7,11 +7,21 @@ goes to ``<root>/.clipid/spool/<id>.json`` and :func:`replay` later writes it, w
 timestamps, into a store: automatically at the start of the next stage that reaches the same
 store, or on demand with ``clipid tracking sync``.
 
-Artifacts are spooled by path and hash. Files up to ``SMALL_FILE`` bytes (sidecars, metrics JSON,
-report figures) are also copied into ``<id>.files/``, because the next run of their stage
-overwrites them; bigger ones (checkpoints) are DVC outputs that DVC's cache keeps, so the path
-and hash suffice, and a file whose hash has changed by replay time is left out of the run and
-named in its tag ``clipid.spool.missing_artifacts`` rather than logged wrongly.
+Every artifact is kept by content in ``<id>.files/`` when the record is written, whatever its
+size: the stage may run in a temporary copy of the workspace that DVC deletes afterwards
+(``dvc exp run --temp``, queued experiments), and the next run of a stage overwrites its files.
+Files up to ``COPY_UP_TO`` bytes (sidecars, metrics JSON) are copied, so that even a rewrite in
+place leaves the kept one alone; bigger ones (checkpoints, figures) are hard links where the spool
+is on the same filesystem (no extra disk: clipid writes checkpoints to a temporary name and
+renames it, so a link keeps the old content) and copies elsewhere. Replay checks each kept file's
+SHA-256: one that changed anyway is left out of the run and named in its tag
+``clipid.spool.missing_artifacts`` rather than logged wrongly.
+
+A CLIP checkpoint whose upload the store missed is marked as its stage's model (``"model"``),
+kept with its sidecar, and replay logs it as what the live run would have logged: the registered
+MLflow Model (:func:`clipid.deploy.registry.log_checkpoint_model`), not the raw file. An
+evaluation's record that goes into its training run leaves that run's own tags alone: it adds
+``clipid.spool.eval_id`` (and ``clipid.spool.eval_missing_artifacts``).
 """
 
 from __future__ import annotations
@@ -31,17 +41,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipid.files import file_sha256
+from clipid.files import file_sha256, sidecar_path
 from clipid.tracking_pipeline import PARENT_TAG, PIPELINE_TAG, ensure_parent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunRecord", "SpoolEntry", "pending", "replay", "spool_dir", "sync", "write"]
+__all__ = ["RunRecord", "SpoolEntry", "keep_artifacts", "kept_file", "pending", "replay",
+           "spool_dir", "sync", "write"]
 
 FORMAT = 1
-SMALL_FILE = 1 << 20              # artifacts up to 1 MiB are copied into the spool
+COPY_UP_TO = 1 << 20              # kept artifacts up to 1 MiB are copied, bigger ones linked
 _BATCH = 1000                     # MLflow's log_batch limit for metrics (params: 100)
 CHECKPOINT_TAG = "clipid.checkpoint.sha256"
+SPOOL_ID_TAG = "clipid.spool.id"              # on the run a record was replayed as
+EVAL_ID_TAG = "clipid.spool.eval_id"          # ... on the training run an evaluation went into
+MISSING_TAG = "clipid.spool.missing_artifacts"
+EVAL_MISSING_TAG = "clipid.spool.eval_missing_artifacts"
 PIPELINE_LABEL_TAG = "clipid.pipeline.label"  # the parent run's name, for replay
 
 
@@ -73,7 +88,8 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     metrics: list[list] = field(default_factory=list)        # [key, value, timestamp ms, step]
-    artifacts: list[dict] = field(default_factory=list)      # path, artifact_path, sha256, copy
+    # path, artifact_path, sha256, copy (kept file, relative to the spool), model (its stage)
+    artifacts: list[dict] = field(default_factory=list)
     texts: list[dict] = field(default_factory=list)          # artifact_file, text | dict
     resume_run_id: str | None = None           # log into this existing run (an evaluation)
     resume_checkpoint: str | None = None       # ... or into the run that wrote these weights
@@ -83,10 +99,13 @@ class RunRecord:
     def resumes(self) -> bool:
         return bool(self.resume_run_id or self.resume_checkpoint)
 
-    def add_artifact(self, path: Path, artifact_path: str | None, sha256: str | None) -> None:
+    def add_artifact(self, path: Path, artifact_path: str | None, sha256: str | None,
+                     model: str | None = None) -> None:
+        """``model``: the stage whose MLflow Model this checkpoint is (replay registers it)."""
         path = Path(path).resolve()
         self.artifacts.append({"path": str(path), "artifact_path": artifact_path,
-                               "sha256": sha256 or file_sha256(path), "copy": None})
+                               "sha256": sha256 or file_sha256(path), "copy": None,
+                               "model": model})
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
@@ -124,10 +143,10 @@ def spool_dir(root: Path) -> Path:
 
 
 def write(record: RunRecord, root: Path) -> Path:
-    """Write ``record`` atomically to the spool (copying its small artifacts) and return it."""
+    """Write ``record`` atomically to the spool (keeping its artifacts) and return it."""
     folder = spool_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
-    copy_small_artifacts(record.artifacts, folder, folder / f"{record.id}.files")
+    keep_artifacts(record.artifacts, folder, folder / f"{record.id}.files")
     path = folder / f"{record.id}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT, **asdict(record)}, indent=1) + "\n",
@@ -136,19 +155,51 @@ def write(record: RunRecord, root: Path) -> Path:
     return path
 
 
-def copy_small_artifacts(artifacts: list[dict], folder: Path, files: Path) -> None:
-    """Copy each artifact up to SMALL_FILE bytes into ``files/<n>/`` (its ``copy``, relative to
-    ``folder``): the next run of its stage overwrites the original."""
+def keep_artifacts(artifacts: list[dict], folder: Path, files: Path) -> None:
+    """Keep each artifact not kept yet in ``files/<n>/`` (its ``copy``, relative to ``folder``),
+    a model's checkpoint with its sidecar beside it (loading it needs both). One that cannot be
+    kept stays by path: a warning, never the loss of the record."""
     for number, artifact in enumerate(artifacts):
         source = Path(artifact["path"])
-        if artifact["copy"] or not source.is_file() or source.stat().st_size > SMALL_FILE:
+        if artifact["copy"] or not source.is_file():
             continue
         if file_sha256(source) != artifact["sha256"]:
             continue  # already overwritten: replay will name it missing
-        copy = files / str(number) / source.name  # keeps the name the artifact is logged by
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, copy)
-        artifact["copy"] = str(copy.relative_to(folder))
+        kept = files / str(number) / source.name  # keeps the name the artifact is logged by
+        try:
+            keep_file(source, kept)
+            if artifact.get("model") and sidecar_path(source).is_file():
+                keep_file(sidecar_path(source), sidecar_path(kept))
+        except OSError as error:
+            log.warning("could not keep %s in the spool (%s); it is spooled by path", source,
+                        error)
+            continue
+        artifact["copy"] = str(kept.relative_to(folder))
+
+
+def keep_file(source: Path, kept: Path) -> None:
+    """``kept`` holding ``source``'s content: a copy of a small file (safe from a rewrite in
+    place), a hard link of a big one (no extra disk), a copy where linking fails (another
+    filesystem)."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.unlink(missing_ok=True)
+    if source.stat().st_size > COPY_UP_TO:
+        try:
+            os.link(source, kept)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, kept)
+
+
+def kept_file(artifact: dict, folder: Path | None) -> Path | None:
+    """The file holding an artifact's spooled content: its kept file (relative to ``folder``),
+    else the original while unchanged; None when neither holds it any more."""
+    candidates = [folder / artifact["copy"]] if artifact.get("copy") and folder else []
+    for source in (*candidates, Path(artifact["path"])):
+        if source.is_file() and file_sha256(source) == artifact["sha256"]:
+            return source
+    return None
 
 
 def pending(root: Path) -> list[SpoolEntry]:
@@ -213,39 +264,78 @@ def sync(client: Any, root: Path, experiment_id: Callable[[RunRecord], str],
 
 def replay(client: Any, entry: SpoolEntry, experiment_id: Callable[[RunRecord], str]) -> str:
     """Write one spooled run into ``client``'s store; returns the id of the run it went into."""
-    from mlflow.entities import Metric, Param, RunTag
-
     record = entry.record
     target = _resume_target(client, record, experiment_id)
+    if target is not None:
+        return _replay_into(client, entry, target)
+    run_id = _create_run(client, record, experiment_id(record))
+    _log_metrics(client, run_id, record)
+    missing = _replay_artifacts(client, run_id, entry)
+    tags = {**record.tags, SPOOL_ID_TAG: record.id}
+    if missing:
+        tags[MISSING_TAG] = ", ".join(missing)
+    _log_tags(client, run_id, tags)
     status = "FAILED" if record.status == "RUNNING" else record.status  # its process is gone
-    tags = {**record.tags, "clipid.spool.id": record.id}
-    if target is None:
-        exp = experiment_id(record)
-        for stale in client.search_runs([exp], f"tags.`clipid.spool.id` = '{record.id}'"):
-            client.delete_run(stale.info.run_id)  # an earlier replay that did not finish
-        run_id = client.create_run(exp, start_time=record.start_time,
-                                   tags={**tags, **_parent(client, exp, record)},
-                                   run_name=record.run_name).info.run_id
-        params = [Param(k, v) for k, v in sorted(record.params.items())]
-        for start in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[start:start + 100])
-    else:
-        run_id = target
+    client.set_terminated(run_id, status=status, end_time=record.end_time or now_ms())
+    _supersede(client, record, run_id)
+    return run_id
+
+
+def _create_run(client: Any, record: RunRecord, exp: str) -> str:
+    """The run a record replays as, with its params; an earlier replay of it that did not
+    finish goes first, with the versions it registered."""
+    for stale in client.search_runs([exp], f"tags.`{SPOOL_ID_TAG}` = '{record.id}'"):
+        for version in client.search_model_versions(f"run_id = '{stale.info.run_id}'"):
+            client.delete_model_version(version.name, version.version)
+        client.delete_run(stale.info.run_id)
+    run_id = client.create_run(exp, start_time=record.start_time,
+                               tags={**record.tags, SPOOL_ID_TAG: record.id,
+                                     **_parent(client, exp, record)},
+                               run_name=record.run_name).info.run_id
+    _log_params(client, run_id, record.params)
+    return run_id
+
+
+def _replay_into(client: Any, entry: SpoolEntry, run_id: str) -> str:
+    """An evaluation into its training run: its metrics, artifacts and the params the run
+    lacks; the run keeps its own tags (its ``clipid.spool.id`` among them)."""
+    record = entry.record
+    run = client.get_run(run_id)
+    if run.data.tags.get(EVAL_ID_TAG) == record.id:
+        return run_id  # replayed before; only leaving the spool did not happen
+    _log_params(client, run_id, {k: v for k, v in record.params.items()
+                                 if k not in run.data.params})  # MLflow refuses to change one
+    _log_metrics(client, run_id, record)
+    missing = _replay_artifacts(client, run_id, entry)
+    tags = {"clipid.eval_stage": record.tags.get("clipid.eval_stage",
+                                                 record.tags.get("clipid.stage", "")),
+            EVAL_ID_TAG: record.id}  # last: marks the replay complete
+    if missing:
+        tags = {EVAL_MISSING_TAG: ", ".join(missing), **tags}
+    _log_tags(client, run_id, tags)
+    return run_id
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    batch = [Param(k, v) for k, v in sorted(params.items())]
+    for start in range(0, len(batch), 100):  # MLflow's log_batch limit for params
+        client.log_batch(run_id, params=batch[start:start + 100])
+
+
+def _log_metrics(client: Any, run_id: str, record: RunRecord) -> None:
+    from mlflow.entities import Metric
+
     metrics = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in record.metrics]
     for start in range(0, len(metrics), _BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + _BATCH])
-    missing = _replay_artifacts(client, run_id, entry)
-    if missing:
-        tags["clipid.spool.missing_artifacts"] = ", ".join(missing)
-    if target is not None:  # an evaluation: the training run keeps its own tags
-        tags = {"clipid.eval_stage": record.tags.get("clipid.eval_stage",
-                                                     record.tags.get("clipid.stage", "")),
-                **{k: v for k, v in tags.items() if k.startswith("clipid.spool.")}}
+
+
+def _log_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    if target is None:
-        client.set_terminated(run_id, status=status, end_time=record.end_time or now_ms())
-    _supersede(client, record, run_id)
-    return run_id
 
 
 def _parent(client: Any, experiment_id: str, record: RunRecord) -> dict[str, str]:
@@ -282,15 +372,19 @@ def _resume_target(client: Any, record: RunRecord,
 
 
 def _replay_artifacts(client: Any, run_id: str, entry: SpoolEntry) -> list[str]:
+    """Log the kept artifacts (a model's checkpoint as its registered MLflow Model) and texts;
+    returns the names of those whose content is gone."""
+    from clipid.deploy.registry import log_checkpoint_model
+
     missing = []
     for artifact in entry.record.artifacts:
-        source = Path(artifact["path"])
-        if artifact["copy"]:
-            source = entry.path.parent / artifact["copy"]
-        elif not source.is_file() or file_sha256(source) != artifact["sha256"]:
+        source = kept_file(artifact, entry.path.parent)
+        if source is None:
             missing.append(Path(artifact["path"]).name)
-            continue
-        client.log_artifact(run_id, str(source), artifact["artifact_path"])
+        elif artifact.get("model"):
+            log_checkpoint_model(client, run_id, source, artifact["model"])
+        else:
+            client.log_artifact(run_id, str(source), artifact["artifact_path"])
     for text in entry.record.texts:
         if "dict" in text:
             client.log_dict(run_id, text["dict"], text["artifact_file"])

@@ -179,10 +179,11 @@ def _version_of(client: Any, name: str, digest: str) -> str | None:
     return max((str(v.version) for v in versions), key=int, default=None)
 
 
-def move_champions(client: Any, champions: list[Champion], digests: dict[str, str | None]
-                   ) -> dict[str, str | None]:
-    """Point alias ``champion`` of each model at its champion stage's version; a champion
-    without a version (not logged, or logged to another store) leaves the alias as it is."""
+def move_champions(client: Any, champions: list[Champion], digests: dict[str, str | None],
+                   alias: str = CHAMPION) -> dict[str, str | None]:
+    """Point ``alias`` (``champion``, or a candidate alias: :mod:`clipid.deploy.promotion`) of
+    each model at its champion stage's version; a champion without a version (not logged, or
+    logged to another store) leaves the alias as it is."""
     from mlflow.exceptions import MlflowException
 
     moved: dict[str, str | None] = {}
@@ -197,10 +198,10 @@ def move_champions(client: Any, champions: list[Champion], digests: dict[str, st
         if version is None:
             log.warning("%s: %s (best %s %.4f) has no registered version in this store; alias "
                         "'%s' not moved", champion.model, champion.stage, champion.metric,
-                        champion.value, CHAMPION)
+                        champion.value, alias)
         else:
-            client.set_registered_model_alias(champion.model, CHAMPION, version)
-            log.info("%s@%s -> version %s (%s, %s %.4f)", champion.model, CHAMPION, version,
+            client.set_registered_model_alias(champion.model, alias, version)
+            log.info("%s@%s -> version %s (%s, %s %.4f)", champion.model, alias, version,
                      champion.stage, champion.metric, champion.value)
         moved[champion.model] = version
     return moved
