@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,3 +252,121 @@ def test_a_stage_killed_mid_run_does_not_stay_running(micro_stage_dir: Path,
         pass
     run = client(uri).get_run(killed.info.run_id)
     assert run.info.status == "FAILED" and run.data.tags["clipid.ended"] == "process died"
+
+
+def test_a_spooled_run_keeps_its_model_and_big_files_once_its_workspace_is_gone(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A temporary experiment's workspace (``.dvc/tmp/exps/...``) is deleted when it ends: the
+    spool keeps the checkpoint and a figure over 1 MiB (hard links), replay registers the
+    model, and the evaluation's replay goes into the training run without taking its tags."""
+    from clipid.deploy import IMAGE_MODEL, TEXT_MODEL
+    from test_deploy import checkpoint
+
+    monkeypatch.setattr(tracking, "_RETRIES", 0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    temp = store / "tmp-exp"
+    weights = checkpoint(temp / "models", "stage4", seed=3)
+    figure = temp / "examples.png"
+    figure.write_bytes(os.urandom(3 << 19))  # 1.5 MiB
+    digests = {"weights": file_sha256(weights), "figure": file_sha256(figure)}
+    with pytest.warns(UserWarning, match="spooled"), Tracker(
+            stage="train_stage4", params=Params(), run_name="stage4") as train:
+        train.log_metrics({"train/loss": 1.0}, step=1)
+        train.log_checkpoint(weights, 2.0)
+        train.log_artifact(figure, "report")
+    with pytest.warns(UserWarning, match="spooled"), Tracker(
+            stage="train_stage4", params=Params(), run_name="stage4", checkpoint=weights,
+            tags={"clipid.eval_stage": "evaluate@stage4"}) as evaluation:
+        evaluation.log_metrics({"eval/i2i/mAP": 0.25})
+    tracking.UNTRACKED.clear()
+    kept = [p for p in spool.spool_dir(store).rglob("*") if p.is_file()
+            and p.stat().st_size > 1 << 20]
+    assert sorted(p.name for p in kept) == ["examples.png", "model.safetensors"]
+    assert all(p.stat().st_nlink == 2 for p in kept)  # linked: no second copy on disk
+    training, evaluated = spool.pending(store)
+    assert [a.get("model") for a in training.record.artifacts] == ["stage4", None, None]
+    shutil.rmtree(temp)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    evaluated_json = evaluated.path.read_text()
+    [(_, run_id), (_, eval_into)] = sync_spool(store)
+    assert eval_into == run_id and spool.pending(store) == []
+    c = client(store)
+    run = c.get_run(run_id)
+    assert "model/MLmodel" in {a.path for a in c.list_artifacts(run_id, "model")}
+    for name in (IMAGE_MODEL, TEXT_MODEL):
+        [version] = c.search_model_versions(f"name = '{name}'")
+        assert version.run_id == run_id
+        assert version.tags["clipid.weights_sha256"] == digests["weights"]
+    tags = run.data.tags
+    assert tags["clipid.spool.id"] == training.record.id  # the evaluation took none of it
+    assert tags["clipid.spool.eval_id"] == evaluated.record.id
+    assert tags["clipid.eval_stage"] == "evaluate@stage4"
+    assert not {k for k in tags if "missing" in k}
+    assert {"train/loss", "train_seconds", "eval/i2i/mAP"} <= set(run.data.metrics)
+    local = c.download_artifacts(run_id, "report/examples.png", str(store / "dl"))
+    assert file_sha256(local) == digests["figure"]
+
+    evaluated.path.write_text(evaluated_json)  # as if the replay died before it left the spool
+    [(_, again)] = sync_spool(store)
+    assert again == run_id and c.get_run(run_id).data.tags == tags
+    assert len(c.get_metric_history(run_id, "eval/i2i/mAP")) == 1
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=root,
+                   check=True, capture_output=True)
+
+
+def test_the_champion_policy_keeps_champion_to_the_production_branch_on_a_shared_store(
+        store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from clipid.config import params_from_dict
+    from clipid.deploy import IMAGE_MODEL
+    from clipid.stages.register import register_stage
+    from clipid.workspace import Workspace
+    from test_deploy import checkpoint, train_run, write_metrics
+
+    workspace = Workspace(store)
+    write_metrics(workspace.metrics, {"stage2": (0.3, 0.1)})
+    _git(store, "init", "-q", "-b", "main")
+    _git(store, "commit", "-q", "--allow-empty", "-m", "x")
+    c = client(store)
+
+    def register(promote: str = "auto") -> bytes:
+        register_stage(params_from_dict({"mlflow": {"promote": promote}}), ["stage2"],
+                       workspace)
+        return workspace.register_metrics.read_bytes()
+
+    def aliases() -> dict[str, str]:
+        return dict(c.get_registered_model(IMAGE_MODEL).aliases)
+
+    def retrain(seed: int) -> str:
+        train_run("stage2", checkpoint(workspace.models, "stage2", seed=seed))
+        return max((v.version for v in c.search_model_versions(f"name = '{IMAGE_MODEL}'")),
+                   key=int)
+
+    first = retrain(1)  # creates the experiment, its artifacts in the store's folder
+    # A store others share (MLFLOW_TRACKING_URI): production is main's dvc repro.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    on_main = register()
+    assert aliases() == {"champion": first}
+    second = retrain(2)
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-lr")
+    assert register() == on_main  # the alias stays out of the DVC output
+    assert aliases() == {"champion": first, "candidate-bushy-lr": second}
+    assert "clipid-image@candidate-bushy-lr version" in capsys.readouterr().out
+    monkeypatch.delenv("DVC_EXP_NAME")
+    _git(store, "checkout", "-q", "-b", "feature/lr+warmup")
+    register()
+    assert aliases()["candidate-feature-lr-warmup"] == second and aliases()["champion"] == first
+    register("always")
+    assert aliases()["champion"] == second
+    _git(store, "checkout", "-q", "main")
+    third = retrain(3)
+    register("never")
+    assert aliases()["candidate-main"] == third and aliases()["champion"] == second
+    # The repository's own store (one person): every pipeline moves champion, as before.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-lr")
+    register()
+    assert aliases()["champion"] == third
