@@ -117,12 +117,14 @@ def _wait_for(ready: Any, proc: subprocess.Popen, log: Path, what: str) -> Any:
         time.sleep(0.25)  # polling a server that boots
 
 
-def _create_database(port: int) -> None:
+def create_database(uri: str, name: str) -> str:
+    """Another empty database ``name`` in the cluster of database ``uri``; its URI."""
     import psycopg
 
-    with psycopg.connect(f"postgresql://{POSTGRES_USER}@127.0.0.1:{port}/postgres",
-                         autocommit=True, connect_timeout=5) as db:
-        db.execute(f"CREATE DATABASE {DATABASE}")
+    cluster = uri.rsplit("/", 1)[0]
+    with psycopg.connect(f"{cluster}/postgres", autocommit=True, connect_timeout=5) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return f"{cluster}/{name}"
 
 
 @contextlib.contextmanager
@@ -148,8 +150,8 @@ def postgres() -> Iterator[str]:
                  "-k", str(base), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **run_as)
         try:
-            _wait_for(lambda: _create_database(port), proc, log, "postgres")
-            yield f"postgresql://{POSTGRES_USER}@127.0.0.1:{port}/{DATABASE}"
+            cluster = f"postgresql://{POSTGRES_USER}@127.0.0.1:{port}/postgres"
+            yield _wait_for(lambda: create_database(cluster, DATABASE), proc, log, "postgres")
         finally:
             stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown
     finally:
@@ -206,10 +208,11 @@ def server_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def tracking_server(backend_store_uri: str, artifacts: str, workdir: Path,
-                    env: dict[str, str] | None = None) -> Iterator[str]:
+                    env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
     """``clipid server`` on ``backend_store_uri`` with artifacts in ``artifacts`` (a folder or
-    ``s3://...``), on a free loopback port, its log in ``workdir``; yields its URL."""
-    port = free_port()
+    ``s3://...``), on loopback ``port`` (default: a free one), its log in ``workdir``; yields
+    its URL."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = ["clipid", "server", "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", artifacts, "--port", str(port)]

@@ -7,10 +7,12 @@ command line, which need no server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,17 @@ import pytest
 from _servers import (
     S3_KEY,
     S3_SECRET,
+    create_database,
     s3_client,
     seaweedfs,
     server_env,
+    stop,
     tracking_server,
     why_no_s3,
 )
 from test_pipeline import STAGES, sh, wait_for_queue, write_micro_pipeline
 
+from _browser import free_port
 from conftest import TeamServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +53,7 @@ def team_repo(team_server: TeamServer, tmp_path_factory: pytest.TempPathFactory,
     dvc.lock and metrics/ (its DVC cache is its own)."""
     base = tmp_path_factory.mktemp("team")
     seed = write_micro_pipeline(base / "seed")
-    sh(seed, "git", "init", "-q")
+    sh(seed, "git", "init", "-q", "-b", "main")  # the production branch (mlflow.production_branch)
     sh(seed, "dvc", "init", "-q")
     sh(seed, "dvc", "config", "core.analytics", "false")
     sh(seed, "dvc", "remote", "add", "-d", "shared", str(base / "dvc-remote"))
@@ -157,6 +162,91 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
     log = team_server.log.read_text().splitlines()
     errors = [line for line in log if re.search(r'HTTP/[\d.]+" 5\d\d', line)]
     assert not errors, "\n".join(errors)
+
+
+def _wait_for_run(url: str, stage: str, exp: subprocess.Popen, log: Path) -> None:
+    """Until the server holds a run of ``stage`` (the experiment ``exp`` must not end first)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(url)
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        assert exp.poll() is None, f"the experiment ended first:\n{log.read_text()}"
+        experiment = client.get_experiment_by_name("clipid")
+        with contextlib.suppress(MlflowException):
+            if experiment and client.search_runs([experiment.experiment_id],
+                                                 f"tags.`clipid.stage` = '{stage}'"):
+                return
+        time.sleep(0.2)  # polling the server for a run that starts
+    pytest.fail(f"no run of {stage} within 1200 s:\n{log.read_text()}")
+
+
+@pytest.mark.slow
+@pytest.mark.team
+def test_a_server_stopped_mid_stage_loses_nothing_of_a_temporary_experiment(
+        team_server: TeamServer, team_repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """`dvc exp run --temp` with the server stopped while train_stage4 runs: its runs spool into
+    the workspace (DVC then deletes the experiment's own), `clipid tracking sync` after the
+    restart replays them with the model registered and the experiment's candidate alias set."""
+    from clipid import reconcile
+    from clipid import tracking_spool as spool
+    from clipid.models.checkpoint import file_sha256
+
+    origin, first = team_repo
+    database = create_database(team_server.database, "restart")
+    port, workdir = free_port(), tmp_path / "server"
+    clone = git_clone(origin, tmp_path / "clone")  # earlier stages come from first's cache
+    sh(clone, "dvc", "config", "--local", "cache.dir", str(first / ".dvc" / "cache"))
+    log = tmp_path / "exp.log"
+    with tracking_server(database, str(workdir / "artifacts"), workdir, port=port) as url, \
+            log.open("wb") as out:
+        exp = subprocess.Popen(["dvc", "exp", "run", "--temp", "-n", "long-stage4", "-S",
+                                "stage4.epochs=6"], cwd=clone, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**server_env(), "MLFLOW_TRACKING_URI": url})
+        try:
+            _wait_for_run(url, "train_stage4", exp, log)
+        except BaseException:
+            stop(exp)
+            raise
+    try:  # the server is stopped: the experiment goes on into the spool
+        assert exp.wait(timeout=1800) == 0, log.read_text()
+    finally:
+        stop(exp)
+    records = {e.record.tags.get("clipid.stage"): e.record for e in spool.pending(clone)}
+    assert "train_stage4" in records and "report" in records, sorted(records)
+    weights = records["train_stage4"].tags["clipid.checkpoint.sha256"]
+    assert weights != file_sha256(first / "models" / "stage4" / "model.safetensors")
+    [(_, snap)] = reconcile.pending(clone)
+    assert snap.alias == "candidate-long-stage4"
+    assert not list((clone / ".dvc" / "tmp" / "exps").glob("tmp*")), "DVC kept its workspace"
+
+    with tracking_server(database, str(workdir / "artifacts"), workdir, port=port) as again:
+        assert again == url
+        _run(clone, {"MLFLOW_TRACKING_URI": url}, "clipid", "tracking", "sync")
+        assert spool.pending(clone) == [] and reconcile.pending(clone) == []
+        _assert_replayed(_client(url), weights, snap.champions, records)
+
+
+def _assert_replayed(client, weights: str, champions: dict[str, str], records: dict) -> None:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name("clipid")
+    [run] = client.search_runs([experiment.experiment_id],
+                               "tags.`clipid.stage` = 'train_stage4' and "
+                               "tags.`dvc.exp_name` = 'long-stage4'")  # the partial one: deleted
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert run.data.tags["clipid.weights_sha256"] == weights
+    assert run.data.tags["clipid.spool.id"] == records["train_stage4"].id
+    assert "eval/i2i/mAP" in run.data.metrics  # the evaluation went into it
+    versions = client.search_model_versions("name = 'clipid-image'")
+    assert [v.run_id for v in versions if v.tags["clipid.weights_sha256"] == weights] == [
+        run.info.run_id]
+    for model, stage in champions.items():
+        candidate = client.get_model_version_by_alias(model, "candidate-long-stage4")
+        assert candidate.tags["clipid.stage"] == stage
+        with pytest.raises(MlflowException):  # an experiment never moves the production alias
+            client.get_model_version_by_alias(model, "champion")
 
 
 def _run(cwd: Path, env: dict[str, str], *cmd: str) -> str:
