@@ -134,3 +134,12 @@ def test_bad_ranks_are_one_line_naming_the_key(tmp_path, value):
         load_params(write(tmp_path, f"eval:\n  max_rank: 50\n  ranks: {value}\n"))
     message = str(err.value)
     assert "\n" not in message and "params.yaml:3" in message and "'eval.ranks" in message
+
+
+@pytest.mark.parametrize("value", ["''", "'feature x'", "-main", "'a:b'"])
+def test_a_production_branch_that_is_no_git_branch_is_one_line_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, f"mlflow:\n  promote: auto\n  production_branch: {value}\n"))
+    message = str(err.value)
+    assert "\n" not in message and "params.yaml:3" in message
+    assert "'mlflow.production_branch'" in message and "git branch" in message

@@ -198,7 +198,8 @@ def test_an_unreachable_store_leaves_the_alias_and_says_so(
     moved = register_stage(params_from_dict({}), ["stage2"], workspace)
     assert moved == {IMAGE_MODEL: None, TEXT_MODEL: None}
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "could not be reached" in last and "'champion' not moved" in last
+    # A shared store (MLFLOW_TRACKING_URI) outside git: the champion policy's candidate alias.
+    assert "could not be reached" in last and "'candidate-workspace' not moved" in last
     assert json.loads(workspace.register_metrics.read_text())[IMAGE_MODEL]["stage"] == "stage2"
 
 

@@ -15,8 +15,8 @@ left alone, so a second ``dvc repro`` with nothing to do adds no run and no vers
 When the store cannot be reached, the snapshot goes to the spool
 (``.clipid/spool/pipelines/<id>.json``), its files and checkpoints kept by content like a spooled
 run's (:func:`clipid.tracking_spool.keep_artifacts`: DVC deletes a temporary experiment's
-workspace), with the alias decided then, and is reconciled after the spooled runs are replayed,
-by the next stage that reaches the store or by ``clipid tracking sync``.
+workspace), and is reconciled after the spooled runs are replayed, by the next stage that
+reaches the store or by ``clipid tracking sync`` (its alias decided for the store it goes to).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 from clipid.config import Params, flatten_params, params_from_dict
 from clipid.deploy import CHAMPION
-from clipid.deploy.promotion import promotion_alias
+from clipid.deploy.promotion import git_branch, promotion_alias
 from clipid.deploy.registry import SHA_TAG, drop_duplicate_versions, registered_versions
 from clipid.files import file_sha256, sidecar_path
 from clipid.lineage import checkpoint_tags
@@ -101,9 +101,16 @@ class Snapshot:
     params_yaml: dict[str, Any]                 # the params (Stage 1's model is rebuilt)
     runs: list[RunView] = field(default_factory=list)
     champions: dict[str, str] = field(default_factory=dict)   # registered model -> stage
-    alias: str = CHAMPION                       # the one they get (the champion policy)
+    branch: str | None = None                   # git's, for the champion policy
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=now_ms)
+
+    def alias(self) -> str:
+        """The alias its champions get (:mod:`clipid.deploy.promotion`), by the params, the
+        branch and experiment it ran on, and the store this process writes."""
+        mlflow = params_from_dict(self.params_yaml, source="params.yaml").mlflow
+        return promotion_alias(mlflow, self.parent_tags.get("dvc.exp_name", ""), self.branch,
+                               self.parent_tags.get("git.commit", ""))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Snapshot:
@@ -132,7 +139,7 @@ def snapshot(params: Params, raw_params: dict[str, Any], workspace: Workspace | 
         experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.EXPERIMENT,
         artifact_location=tracking.own_artifact_location(root), key=pipeline.key,
         label=pipeline.label, parent_tags=tracking.pipeline_tags(pipeline),
-        params_yaml=raw_params)
+        params_yaml=raw_params, branch=git_branch(root))
     for info in STAGES.values():
         view = _stage_view(info, flat, params, workspace, root)
         if view is not None:
@@ -141,7 +148,6 @@ def snapshot(params: Params, raw_params: dict[str, Any], workspace: Workspace | 
     if workspace.register_metrics.is_file():
         chosen = json.loads(workspace.register_metrics.read_text(encoding="utf-8"))
         snap.champions = {model: block["stage"] for model, block in chosen.items()}
-        snap.alias = promotion_alias(params.mlflow, root)
     return snap
 
 
@@ -223,7 +229,7 @@ def reconcile(client: Any, snap: Snapshot, experiment_id: str,
             digests[view.name] = digest
             done += registered
         changes += [f"run {snap.label}/{view.name}: {what}" for what in done]
-    return changes + _move_aliases(client, snap.champions, digests, snap.alias)
+    return changes + _move_aliases(client, snap.champions, digests, snap.alias())
 
 
 def _find_run(client: Any, experiment_id: str, key: str, view: RunView) -> Any | None:

@@ -285,8 +285,7 @@ def _create_run(client: Any, record: RunRecord, exp: str) -> str:
     """The run a record replays as, with its params; an earlier replay of it that did not
     finish goes first, with the versions it registered."""
     for stale in client.search_runs([exp], f"tags.`{SPOOL_ID_TAG}` = '{record.id}'"):
-        for version in client.search_model_versions(f"run_id = '{stale.info.run_id}'"):
-            client.delete_model_version(version.name, version.version)
+        _drop_versions(client, stale.info.run_id)
         client.delete_run(stale.info.run_id)
     run_id = client.create_run(exp, start_time=record.start_time,
                                tags={**record.tags, SPOOL_ID_TAG: record.id,
@@ -382,6 +381,8 @@ def _replay_artifacts(client: Any, run_id: str, entry: SpoolEntry) -> list[str]:
         if source is None:
             missing.append(Path(artifact["path"]).name)
         elif artifact.get("model"):
+            if entry.record.partial_run_id:  # versions of a half-done upload: the replay's own
+                _drop_versions(client, entry.record.partial_run_id)
             log_checkpoint_model(client, run_id, source, artifact["model"])
         else:
             client.log_artifact(run_id, str(source), artifact["artifact_path"])
@@ -391,6 +392,12 @@ def _replay_artifacts(client: Any, run_id: str, entry: SpoolEntry) -> list[str]:
         else:
             client.log_text(run_id, text["text"], text["artifact_file"])
     return missing
+
+
+def _drop_versions(client: Any, run_id: str) -> None:
+    """Delete the model versions registered from run ``run_id`` (one replaced by a replay)."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        client.delete_model_version(version.name, version.version)
 
 
 def _supersede(client: Any, record: RunRecord, run_id: str) -> None:

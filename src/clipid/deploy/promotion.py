@@ -6,8 +6,8 @@ experiment of anyone won. ``mlflow.promote: auto`` keeps ``champion`` to a ``dvc
 ``mlflow.production_branch`` (no DVC experiment) there, and to every pipeline on the
 repository's own store (one person: nobody else's work to overwrite); ``always`` and ``never``
 say so. Every other pipeline sets ``candidate-<experiment or branch>``. ``register`` and
-``track`` decide with :func:`promotion_alias`; the alias never goes into a DVC output (it
-depends on the branch and the store, not on the pipeline's files).
+``track`` (also when it replays a spooled view) decide with :func:`decide_alias`; the alias never
+goes into a DVC output (it depends on the branch and the store, not on the pipeline's files).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from clipid.deploy import CHAMPION
 from clipid.tracking import store_root
 from clipid.tracking_pipeline import git_output
 
-__all__ = ["CANDIDATE_PREFIX", "candidate_alias", "decide_alias", "promotion_alias"]
+__all__ = ["CANDIDATE_PREFIX", "candidate_alias", "current_alias", "decide_alias",
+           "git_branch", "promotion_alias"]
 
 CANDIDATE_PREFIX = "candidate-"
 _MAX_ALIAS = 255  # MLflow's limit; its aliases are letters, digits, '_' and '-'
@@ -41,14 +42,25 @@ def decide_alias(promote: str, production_branch: str, exp_name: str, branch: st
     production = not exp_name and branch == production_branch
     if promote == "always" or (promote == "auto" and (production or not shared)):
         return CHAMPION
-    return candidate_alias(exp_name or branch or commit or "detached")
+    return candidate_alias(exp_name or branch or commit[:7] or "workspace")
 
 
-def promotion_alias(params: MlflowParams, root: Path | None = None) -> str:
-    """The alias for the pipeline this process belongs to (``root``: its git workspace)."""
+def promotion_alias(params: MlflowParams, exp_name: str, branch: str | None,
+                    commit: str = "") -> str:
+    """The alias of a pipeline (as :func:`decide_alias`) in the store this process writes:
+    a shared one when ``MLFLOW_TRACKING_URI`` is set (a spooled view decides when it is
+    replayed, into whichever store that is)."""
+    return decide_alias(params.promote, params.production_branch, exp_name, branch,
+                        bool(os.environ.get("MLFLOW_TRACKING_URI")), commit)
+
+
+def git_branch(root: Path) -> str | None:
+    """The branch checked out in ``root``; None on a detached HEAD or outside git."""
+    return git_output(root, "symbolic-ref", "--short", "-q", "HEAD") or None
+
+
+def current_alias(params: MlflowParams, root: Path | None = None) -> str:
+    """The alias of the pipeline this process belongs to (``root``: its git workspace)."""
     root = root or store_root()
-    return decide_alias(params.promote, params.production_branch,
-                        os.environ.get("DVC_EXP_NAME", ""),
-                        git_output(root, "symbolic-ref", "--short", "-q", "HEAD") or None,
-                        bool(os.environ.get("MLFLOW_TRACKING_URI")),
-                        git_output(root, "rev-parse", "--short", "HEAD") or "")
+    return promotion_alias(params, os.environ.get("DVC_EXP_NAME", ""), git_branch(root),
+                           git_output(root, "rev-parse", "HEAD") or "")

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from clipid.config import Params
-from clipid.deploy.promotion import promotion_alias
+from clipid.deploy.promotion import current_alias
 from clipid.deploy.registry import Champion, best_stages, move_champions, stage_digest
 from clipid.workspace import Workspace
 
@@ -35,7 +35,7 @@ def register_stage(params: Params, stages: list[str], workspace: Workspace | Non
     workspace = workspace or Workspace()
     champions = best_stages(stages, workspace)
     _write(champions, workspace.register_metrics)
-    alias = promotion_alias(params.mlflow)
+    alias = current_alias(params.mlflow)
     if not params.mlflow.log_checkpoints:
         print(f"register: mlflow.log_checkpoints is false, so no stage logged a model; "
               f"'{alias}' not moved")
