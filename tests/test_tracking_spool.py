@@ -370,3 +370,30 @@ def test_the_champion_policy_keeps_champion_to_the_production_branch_on_a_shared
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-lr")
     register()
     assert aliases()["champion"] == third
+
+
+def test_a_run_that_fails_after_its_model_was_registered_replays_with_the_model(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The half-written run is deleted on replay: the versions go with the replayed run."""
+    from test_deploy import checkpoint
+
+    monkeypatch.setattr(tracking, "_RETRIES", 0)
+    weights = checkpoint(store / "models", "stage2", seed=4)
+    with Tracker(stage="train_stage2", params=Params(), run_name="stage2") as tracker:
+        tracker.log_checkpoint(weights, 1.0)
+        partial = tracker.run_id
+
+        def down(*args, **kwargs):
+            raise ConnectionError("server gone")
+        monkeypatch.setattr(tracker._client, "log_batch", down)
+        with pytest.warns(UserWarning, match="spooled"):
+            tracker.log_metrics({"train/loss": 0.5}, step=1)
+    tracking.UNTRACKED.clear()
+    c = client(store)
+    assert {v.run_id for v in c.search_model_versions("name = 'clipid-image'")} == {partial}
+    [(_, run_id)] = sync_spool(store)
+    assert c.get_run(partial).info.lifecycle_stage == "deleted"
+    [version] = c.search_model_versions("name = 'clipid-image'")
+    assert version.run_id == run_id
+    assert version.tags["clipid.weights_sha256"] == file_sha256(weights)
+    assert "model/MLmodel" in {a.path for a in c.list_artifacts(run_id, "model")}

@@ -506,17 +506,17 @@ class Tracker:
 
     def _log_weights(self, checkpoint: Path, sha256: str) -> None:
         """A CLIP model goes up as its registered MLflow Model (the weights once, inside it);
-        other checkpoints (CLIP-ReID's prompts) as the file. Once the store is out of reach
-        the spool keeps the file, marked as the stage's model, and its replay registers it."""
+        other checkpoints (CLIP-ReID's prompts) as the file. The record holds it as the stage's
+        model: if the run ends in the spool, whenever the store failed, the spool keeps the
+        file and its replay logs and registers the model in the replayed run."""
         from clipid.deploy.registry import holds_clip_model, log_checkpoint_model
 
         if not holds_clip_model(checkpoint):
             self.log_artifact(checkpoint, "checkpoint", sha256=sha256)
             return
+        self._record.add_artifact(checkpoint, "checkpoint", sha256, model=self.model_stage)
         self._call(log_checkpoint_model, self._client, self._run_id, checkpoint,
                    self.model_stage)
-        if not self.active:  # the store was out of reach, or failed during the upload
-            self._record.add_artifact(checkpoint, "checkpoint", sha256, model=self.model_stage)
 
     def log_model(self, clip: Any, stage: str) -> None:
         """The MLflow Model of ``clip`` (clipid.deploy), registered as clipid-image/-text; the
