@@ -17,9 +17,10 @@ renames it, so a link keeps the old content) and copies elsewhere. Replay checks
 SHA-256: one that changed anyway is left out of the run and named in its tag
 ``clipid.spool.missing_artifacts`` rather than logged wrongly.
 
-A CLIP checkpoint whose upload the store missed is marked as its stage's model (``"model"``),
-kept with its sidecar, and replay logs it as what the live run would have logged: the registered
-MLflow Model (:func:`clipid.deploy.registry.log_checkpoint_model`), not the raw file. An
+A CLIP checkpoint is recorded as its stage's model (``"model"``), kept with its sidecar, and
+replay logs it as the live run does: the registered MLflow Model
+(:func:`clipid.deploy.registry.log_checkpoint_model`), not the raw file; versions that the
+half-written run registered before the store failed make way for the replayed run's. An
 evaluation's record that goes into its training run leaves that run's own tags alone: it adds
 ``clipid.spool.eval_id`` (and ``clipid.spool.eval_missing_artifacts``).
 """
