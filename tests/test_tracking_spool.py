@@ -397,3 +397,34 @@ def test_a_run_that_fails_after_its_model_was_registered_replays_with_the_model(
     assert version.run_id == run_id
     assert version.tags["clipid.weights_sha256"] == file_sha256(weights)
     assert "model/MLmodel" in {a.path for a in c.list_artifacts(run_id, "model")}
+
+
+def test_a_spooled_pipeline_view_registers_its_kept_checkpoint_and_sets_the_policys_alias(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`track` spooled in a temporary experiment: its checkpoint is gone by the replay, the
+    spool's copy registers it, and on a shared store the experiment gets its candidate alias."""
+    import dataclasses
+
+    from clipid.lineage import checkpoint_tags
+    from clipid.reconcile import RunView, Snapshot, pending, write_spooled
+    from test_deploy import checkpoint
+
+    weights = checkpoint(store / "tmp-exp" / "models", "stage4", seed=5)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    view = RunView("train_stage4", "stage4", tags=checkpoint_tags(weights), model="checkpoint",
+                   checkpoint=str(weights))
+    snap = Snapshot(uri, "clipid", (store / "mlruns").as_uri(), "exp:wide-lr:abc", "wide-lr",
+                    {"dvc.exp_name": "wide-lr"}, dataclasses.asdict(Params()), [view],
+                    {"clipid-image": "stage4", "clipid-text": "stage4"}, branch="main")
+    write_spooled(snap, store)
+    shutil.rmtree(store / "tmp-exp")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a shared store: the policy applies
+
+    tracking.replay_spool(client(store), store, None)
+    assert pending(store) == []
+    c = client(store)
+    for model in ("clipid-image", "clipid-text"):
+        candidate = c.get_model_version_by_alias(model, "candidate-wide-lr")
+        assert candidate.tags["clipid.weights_sha256"] == view.tags["clipid.checkpoint.sha256"]
+        assert dict(c.get_registered_model(model).aliases) == {"candidate-wide-lr":
+                                                               candidate.version}
