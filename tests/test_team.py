@@ -213,8 +213,10 @@ def test_a_server_stopped_mid_stage_loses_nothing_of_a_temporary_experiment(
         assert exp.wait(timeout=1800) == 0, log.read_text()
     finally:
         stop(exp)
-    records = {e.record.tags.get("clipid.stage"): e.record for e in spool.pending(clone)}
-    assert "train_stage4" in records and "report" in records, sorted(records)
+    # Runs by stage (an evaluation's run is its training stage's, tagged with its own stage).
+    records = {e.record.tags.get("clipid.eval_stage") or e.record.tags["clipid.stage"]: e.record
+               for e in spool.pending(clone)}
+    assert sorted(records) == ["evaluate@stage4", "index", "report", "train_stage4"]
     weights = records["train_stage4"].tags["clipid.checkpoint.sha256"]
     assert weights != file_sha256(first / "models" / "stage4" / "model.safetensors")
     [(_, snap)] = reconcile.pending(clone)
