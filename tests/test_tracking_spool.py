@@ -213,8 +213,13 @@ def test_stages_against_an_unreachable_server_spool_and_sync_completes_them(
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == sorted(steps) and len(steps) >= 2  # log_every 1: every step
     assert run.info.start_time < run.info.end_time < time.time() * 1000
+    # As a live run logs it: the weights inside the registered MLflow Model, the sidecar beside.
     logged = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
-    assert logged == {"checkpoint/model.safetensors", "checkpoint/model.json"}
+    assert logged == {"checkpoint/model.json"}
+    assert "model/MLmodel" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+    [version] = c.search_model_versions("name = 'clipid-image'")
+    assert version.run_id == run.info.run_id
+    assert version.tags["clipid.weights_sha256"] == file_sha256(weights)
     assert {a.path for a in c.list_artifacts(run.info.run_id, "eval")} == {
         "eval/stage2.json", "eval/cmc", "eval/roc", "eval/examples"}
     lineage = clipid(micro_stage_dir, "lineage", "stage2").stdout
