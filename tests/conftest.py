@@ -144,6 +144,39 @@ def manifest_root(tmp_path: Path) -> Path:
     return root
 
 
+# `make test` runs the suite on two pytest-xdist workers with --dist loadgroup: a worker takes a
+# whole group. A module is a group of its own (its module fixtures, a server, a browser, a
+# trained model, start once), except the tests that share the session's micro pipeline (group
+# "micro") or the team servers ("team"), which form one group each across modules. The longest go
+# first, the two shared groups one per worker, then the modules with slow tests; the short ones
+# fill in.
+SHARED_FIXTURES = {"micro_built": "micro", "team_server": "team"}
+
+
+def xdist_group(item: pytest.Item) -> str:
+    for fixture, group in SHARED_FIXTURES.items():
+        if fixture in item.fixturenames:  # also when requested through another fixture
+            return group
+    return item.module.__name__
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    shared = list(SHARED_FIXTURES.values())
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    groups = {item.nodeid: xdist_group(item) for item in items}
+
+    def rank(item: pytest.Item) -> int:
+        group = groups[item.nodeid]
+        if group in shared:
+            return shared.index(group)
+        return len(shared) + (item.module.__name__ not in slow_modules)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=rank)  # stable: each group keeps its order
+
+
 # MLflow stores for the tracking tests (test_tracking, test_tracking_spool, test_lineage,
 # test_deploy).
 
@@ -211,8 +244,8 @@ def kill_in_second_epoch():
     return on_log
 
 
-# The micro pipeline of tests/test_pipeline.py built once per test session (test_reproducible,
-# test_mlflow_view): copy `first` rather than building another.
+# The micro pipeline of tests/test_pipeline.py built once per test session (test_pipeline,
+# test_reproducible, test_mlflow_view): copy `first` rather than building another.
 
 @dataclass(frozen=True)
 class MicroBuild:
@@ -236,7 +269,9 @@ def micro_built(tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
     sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
     cache = base / "shared-cache"
     first = micro_clone(origin, base / "first", cache)
-    out = sh(first, "dvc", "repro", timeout=3600)
+    with pytest.MonkeyPatch.context() as mp:  # its own store, whatever the developer's is
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        out = sh(first, "dvc", "repro", timeout=3600)
     return MicroBuild(origin, cache, first, out)
 
 

@@ -201,16 +201,28 @@ def test_a_fresh_clone_holds_every_stage_and_a_second_repro_adds_nothing(
     run_ids = sorted(r.info.run_id for r in all_runs(first))
     again = sh(first, "dvc", "repro")
     assert re.findall(r"Running stage '([^']+)'", again) == ["fingerprint", "track"]
+    assert sh(first, "dvc", "status").split() == ["fingerprint:", "always", "changed",
+                                                  "track:", "always", "changed"]
     assert "0 change(s)" in again
     assert sorted(r.info.run_id for r in all_runs(first)) == run_ids
     assert store_state(first) == before
     assert outputs(first) == written  # the store's ids stay out of DVC's outputs
 
 
-def test_a_clone_restored_from_the_run_cache_holds_every_stage(micro_built: MicroBuild,
-                                                               tmp_path: Path) -> None:
-    clone = micro_clone(micro_built.origin, tmp_path / "clone", micro_built.cache)
-    out = sh(clone, "dvc", "repro")
+@pytest.fixture(scope="module")
+def restored(micro_built: MicroBuild, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, str]:
+    """A clone sharing the micro build's DVC cache, after its ``dvc repro`` (with its output)."""
+    clone = micro_clone(micro_built.origin, tmp_path_factory.mktemp("restored") / "clone",
+                        micro_built.cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return clone, sh(clone, "dvc", "repro")
+
+
+def test_a_clone_restored_from_the_run_cache_holds_every_stage(
+        restored: tuple[Path, str]) -> None:
+    clone, out = restored
     # DVC restores every stage its run-cache holds; it holds none with an uncached output
     # that is not a metric or plot (the evaluations' examples, the report): those rerun.
     for stage in ("prepare", "train_stage2", "train_stage3", "train_stage4", "clipreid_prompts",
@@ -223,9 +235,9 @@ def test_a_clone_restored_from_the_run_cache_holds_every_stage(micro_built: Micr
 
 
 def test_with_the_store_down_the_spool_replays_to_the_same_state(
-        micro_built: MicroBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    up = micro_clone(micro_built.origin, tmp_path / "up", micro_built.cache)
-    sh(up, "dvc", "repro")
+        micro_built: MicroBuild, restored: tuple[Path, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    up, _ = restored  # the same clone with the store up
     down = micro_clone(micro_built.origin, tmp_path / "down", micro_built.cache)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
     out = sh(down, "dvc", "repro")
@@ -254,6 +266,18 @@ def test_two_queued_experiments_in_parallel_each_hold_every_stage(
     sh(repo, "dvc", "queue", "start", "-j", "2")
     status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
+    # A changed parameter reruns exactly the stages that read it (each experiment's own log).
+    ran = {name: set(re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "queue", "logs",
+                                                                 name)))
+           for name in ("same-lr", "double-lr")}
+    assert not ran["double-lr"] & {"prepare", "clean_captions", "evaluate_stage1",
+                                   "clipreid_prompts"}
+    assert {"train_stage2", "train_stage3", "train_stage4", "evaluate@stage2", "clipreid_image",
+            "index", "report", "register", "export"} <= ran["double-lr"]
+    training = {dvc for dvc, weights in MODEL_STAGES.values() if weights} | {"clipreid_prompts"}
+    assert not ran["same-lr"] & training, ran["same-lr"]  # lr 1e-3 is the baseline's 0.001
+    ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/double-lr"
+    assert "metrics/stage2.json" in sh(repo, "dvc", "metrics", "diff", baseline, ref)
     champions = set()
     for name in ("same-lr", "double-lr"):
         ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
