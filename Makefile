@@ -39,7 +39,7 @@ repro: $(STAMP)
 # The suite on two workers (pytest-xdist): tests/conftest.py keeps each module, and the tests
 # that share the micro pipeline or the team servers, on one worker, the longest first.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST)
 

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,37 +145,53 @@ def manifest_root(tmp_path: Path) -> Path:
     return root
 
 
-# `make test` runs the suite on two pytest-xdist workers with --dist loadgroup: a worker takes a
-# whole group. A module is a group of its own (its module fixtures, a server, a browser, a
-# trained model, start once), except the tests that share the session's micro pipeline (group
-# "micro") or the team servers ("team"), which form one group each across modules. The longest go
-# first, the two shared groups one per worker, then the modules with slow tests; the short ones
-# fill in.
+# `make test` runs the suite on two pytest-xdist workers (-n 2 --dist loadscope), with the
+# scheduler below: a worker takes a whole group, and a module is a group of its own (its module
+# fixtures, a server, a browser, a trained model, start once), except the modules that share
+# the session's micro pipeline or the team servers, which form one group each. The longest go
+# first: the two shared groups (one per worker, --no-loadscope-reorder keeps this order), then
+# the modules with slow tests; the short ones fill in.
+SHARED_GROUPS = {"micro": ("test_pipeline.py", "test_mlflow_view.py", "test_reproducible.py"),
+                 "team": ("test_team.py",)}
 SHARED_FIXTURES = {"micro_built": "micro", "team_server": "team"}
 
 
-def xdist_group(item: pytest.Item) -> str:
-    for fixture, group in SHARED_FIXTURES.items():
-        if fixture in item.fixturenames:  # also when requested through another fixture
-            return group
-    return item.module.__name__
+def xdist_scope(nodeid: str) -> str:
+    """The group of a test: its module's shared group, else its module."""
+    module = nodeid.split("::")[0]
+    name = module.rsplit("/", 1)[-1]
+    return next((group for group, files in SHARED_GROUPS.items() if name in files), module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadscope by :func:`xdist_scope`: modules, and the shared groups whole."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    shared = list(SHARED_FIXTURES.values())
+    shared = list(SHARED_GROUPS)
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    groups = {item.nodeid: xdist_group(item) for item in items}
+    for item in items:
+        for fixture, group in SHARED_FIXTURES.items():
+            if fixture in item.fixturenames and xdist_scope(item.nodeid) != group:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its module to "
+                                        f"SHARED_GROUPS['{group}'] in tests/conftest.py")
 
     def rank(item: pytest.Item) -> int:
-        group = groups[item.nodeid]
-        if group in shared:
-            return shared.index(group)
+        scope = xdist_scope(item.nodeid)
+        if scope in shared:
+            return shared.index(scope)
         return len(shared) + (item.module.__name__ not in slow_modules)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    items.sort(key=rank)  # stable: each group keeps its order
+    items.sort(key=rank)  # stable: each module keeps its order
 
 
 # MLflow stores for the tracking tests (test_tracking, test_tracking_spool, test_lineage,
@@ -273,6 +290,37 @@ def micro_built(tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         out = sh(first, "dvc", "repro", timeout=3600)
     return MicroBuild(origin, cache, first, out)
+
+
+@dataclass(frozen=True)
+class MicroRebuild:
+    clone: Path             # a clone of the micro build's origin with a DVC cache of its own
+    out: str                # its `dvc repro` (every stage trained again), the store out of reach
+    store_while_down: bool  # whether its mlflow.db existed before the sync (it must not)
+    spooled: int            # the runs its spool held before the sync
+    sync: str               # what `clipid tracking sync` (into its own store) printed
+
+
+@pytest.fixture(scope="session")
+def micro_rebuilt(micro_built: MicroBuild, tmp_path_factory: pytest.TempPathFactory
+                  ) -> MicroRebuild:
+    """The micro pipeline built again from scratch in another clone while the MLflow store is
+    out of reach, then synced: the rebuild's bytes (test_reproducible) and the spool's replay
+    (test_mlflow_view) are checked on the one build."""
+    from test_pipeline import sh
+
+    from _browser import free_port
+
+    clone = micro_clone(micro_built.origin, tmp_path_factory.mktemp("rebuild") / "clone")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
+        out = sh(clone, "dvc", "repro", timeout=3600)
+    spooled = len(list((clone / ".clipid" / "spool").glob("*.json")))
+    store_while_down = (clone / "mlflow.db").exists()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        synced = sh(clone, "clipid", "tracking", "sync")
+    return MicroRebuild(clone, out, store_while_down, spooled, synced)
 
 
 def micro_clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:
