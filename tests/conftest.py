@@ -20,6 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# `make test`'s workers share the machine's cores: torch's threads (OpenMP, which spins while it
+# waits) get the worker's share, in the worker and in every process it starts, rather than each
+# worker taking every core (set before anything imports torch).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(_share))
+
 # DVC and MLflow must never phone home from a test.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
