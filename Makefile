@@ -36,9 +36,10 @@ $(STAMP): requirements.lock pyproject.toml
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-# The suite on two workers (pytest-xdist): tests/conftest.py keeps each module, and the tests
-# that share the micro pipeline or the team servers, on one worker, the longest first.
-TEST_WORKERS ?= 2
+# The suite on three workers (pytest-xdist; tests/conftest.py's scheduler keeps a module's
+# fixtures on one worker and starts the longest first): on two cores, the third fills the time
+# the others wait (on servers, DVC's queue, a shared build).
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST)

@@ -11,10 +11,11 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -153,51 +154,47 @@ def manifest_root(tmp_path: Path) -> Path:
     return root
 
 
-# `make test` runs the suite on two pytest-xdist workers (-n 2 --dist loadscope), with the
-# scheduler below: a worker takes a whole group, and a module is a group of its own (its module
-# fixtures, a server, a browser, a trained model, start once), except the modules that share
-# the session's micro pipeline or the team servers, which form one group each. The longest go
-# first: the two shared groups (one per worker, --no-loadscope-reorder keeps this order), then
-# the modules with slow tests; the short ones fill in.
-SHARED_GROUPS = {"micro": ("test_pipeline.py", "test_mlflow_view.py", "test_reproducible.py"),
-                 "team": ("test_team.py",)}
-SHARED_FIXTURES = {"micro_built": "micro", "team_server": "team"}
+# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadscope) with the scheduler
+# below: a worker takes a whole scope, which is a module (its module fixtures, a server, a
+# browser, a trained model, start once), except where a module's tests share only session builds
+# that every worker can read (`built_once`), which go one by one. The longest go first
+# (--no-loadscope-reorder keeps this order): the team servers' module, the tests that need the
+# micro rebuild and those that need the micro build (two workers build them at once), the
+# modules with slow tests; the short ones fill in.
+PER_TEST_MODULES = ("test_pipeline.py", "test_mlflow_view.py", "test_reproducible.py")
+FIRST = ("team_server", "micro_rebuilt", "micro_built")  # fixtures of the longest tests
 
 
 def xdist_scope(nodeid: str) -> str:
-    """The group of a test: its module's shared group, else its module."""
     module = nodeid.split("::")[0]
-    name = module.rsplit("/", 1)[-1]
-    return next((group for group, files in SHARED_GROUPS.items() if name in files), module)
+    return nodeid if module.rsplit("/", 1)[-1] in PER_TEST_MODULES else module
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """--dist loadscope by :func:`xdist_scope`: modules, and the shared groups whole."""
+    """--dist loadscope by :func:`xdist_scope`."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class GroupScheduling(LoadScopeScheduling):
+    class Scopes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return xdist_scope(nodeid)
 
-    return GroupScheduling(config, log)
+    return Scopes(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    shared = list(SHARED_GROUPS)
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     for item in items:
-        for fixture, group in SHARED_FIXTURES.items():
-            if fixture in item.fixturenames and xdist_scope(item.nodeid) != group:
-                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its module to "
-                                        f"SHARED_GROUPS['{group}'] in tests/conftest.py")
+        if "team_server" in item.fixturenames and item.module.__name__ != "test_team":
+            raise pytest.UsageError(f"{item.nodeid} uses the team servers (a session fixture "
+                                    "that stops with its worker): move it to tests/test_team.py")
 
     def rank(item: pytest.Item) -> int:
-        scope = xdist_scope(item.nodeid)
-        if scope in shared:
-            return shared.index(scope)
-        return len(shared) + (item.module.__name__ not in slow_modules)
+        first = [f for f in FIRST if f in item.fixturenames]
+        if first:
+            return FIRST.index(first[0])
+        return len(FIRST) + (item.module.__name__ not in slow_modules)
 
     items.sort(key=rank)  # stable: each module keeps its order
 
@@ -269,8 +266,55 @@ def kill_in_second_epoch():
     return on_log
 
 
-# The micro pipeline of tests/test_pipeline.py built once per test session (test_pipeline,
-# test_reproducible, test_mlflow_view): copy `first` rather than building another.
+# The micro pipeline of tests/test_pipeline.py built once per test run and shared by the
+# pytest-xdist workers (test_pipeline, test_reproducible, test_mlflow_view): a test that changes
+# a build copies it.
+
+T = TypeVar("T")
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], T], kind: type[T]) -> T:
+    """``build(folder)`` run once per test run, whichever worker asks first; the others wait for
+    it and read what it returned (a dataclass of paths, texts and numbers)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder, done = base / name, base / f"{name}.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            done.write_text(json.dumps(asdict(build(folder)), default=str))
+    values = json.loads(done.read_text())
+    return kind(**{f.name: Path(values[f.name]) if f.type == "Path" else values[f.name]
+                   for f in dataclass_fields(kind)})
+
+
+@dataclass(frozen=True)
+class MicroOrigin:
+    path: Path
+
+
+@pytest.fixture(scope="session")
+def micro_origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare repository holding this project's pipeline with the micro params.yaml."""
+    def build(base: Path) -> MicroOrigin:
+        from test_pipeline import sh, write_micro_pipeline
+
+        seed = write_micro_pipeline(base / "seed")
+        for args in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                     ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                     ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm",
+                      "micro"]):
+            sh(seed, *args)
+        sh(base, "git", "clone", "-q", "--bare", str(seed), str(base / "origin.git"))
+        return MicroOrigin(base / "origin.git")
+
+    return built_once(tmp_path_factory, "micro-origin", build, MicroOrigin).path
+
 
 @dataclass(frozen=True)
 class MicroBuild:
@@ -281,23 +325,17 @@ class MicroBuild:
 
 
 @pytest.fixture(scope="session")
-def micro_built(tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
-    from test_pipeline import sh, write_micro_pipeline
+def micro_built(micro_origin: Path, tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
+    def build(base: Path) -> MicroBuild:
+        from test_pipeline import sh
 
-    base = tmp_path_factory.mktemp("micro")
-    seed = write_micro_pipeline(base / "seed")
-    for args in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                 ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
-                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro"]):
-        sh(seed, *args)
-    origin = base / "origin.git"
-    sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
-    cache = base / "shared-cache"
-    first = micro_clone(origin, base / "first", cache)
-    with pytest.MonkeyPatch.context() as mp:  # its own store, whatever the developer's is
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        out = sh(first, "dvc", "repro", timeout=3600)
-    return MicroBuild(origin, cache, first, out)
+        first = micro_clone(micro_origin, base / "first", base / "shared-cache")
+        with pytest.MonkeyPatch.context() as mp:  # its own store, whatever the developer's is
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            out = sh(first, "dvc", "repro", timeout=3600)
+        return MicroBuild(micro_origin, base / "shared-cache", first, out)
+
+    return built_once(tmp_path_factory, "micro", build, MicroBuild)
 
 
 @dataclass(frozen=True)
@@ -310,25 +348,29 @@ class MicroRebuild:
 
 
 @pytest.fixture(scope="session")
-def micro_rebuilt(micro_built: MicroBuild, tmp_path_factory: pytest.TempPathFactory
+def micro_rebuilt(micro_origin: Path, tmp_path_factory: pytest.TempPathFactory
                   ) -> MicroRebuild:
     """The micro pipeline built again from scratch in another clone while the MLflow store is
     out of reach, then synced: the rebuild's bytes (test_reproducible) and the spool's replay
-    (test_mlflow_view) are checked on the one build."""
-    from test_pipeline import sh
+    (test_mlflow_view) are checked on the one build, which needs only the origin (so a worker
+    builds it while another builds ``micro_built``)."""
+    def build(base: Path) -> MicroRebuild:
+        from test_pipeline import sh
 
-    from _browser import free_port
+        from _browser import free_port
 
-    clone = micro_clone(micro_built.origin, tmp_path_factory.mktemp("rebuild") / "clone")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
-        out = sh(clone, "dvc", "repro", timeout=3600)
-    spooled = len(list((clone / ".clipid" / "spool").glob("*.json")))
-    store_while_down = (clone / "mlflow.db").exists()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        synced = sh(clone, "clipid", "tracking", "sync")
-    return MicroRebuild(clone, out, store_while_down, spooled, synced)
+        clone = micro_clone(micro_origin, base / "clone")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
+            out = sh(clone, "dvc", "repro", timeout=3600)
+        spooled = len(list((clone / ".clipid" / "spool").glob("*.json")))
+        store_while_down = (clone / "mlflow.db").exists()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            synced = sh(clone, "clipid", "tracking", "sync")
+        return MicroRebuild(clone, out, store_while_down, spooled, synced)
+
+    return built_once(tmp_path_factory, "micro-rebuild", build, MicroRebuild)
 
 
 def micro_clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:
