@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: env repro test lint bench ui serve server docs lock clean-env
+.PHONY: env repro test test-fast coverage lint bench ui serve server docs lock clean-env
 
 env: $(STAMP)
 
@@ -36,8 +36,26 @@ $(STAMP): requirements.lock pyproject.toml
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
+# The suite on three workers (pytest-xdist; tests/conftest.py's scheduler keeps a module's
+# fixtures on one worker and starts the longest first): on two cores, the third fills the time
+# the others wait (on servers, DVC's queue, a shared build).
+TEST_WORKERS ?= 3
+XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
+
+# The edit-test loop: the tests that run no DVC pipeline and no training loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
+
+# Line and branch coverage of src/clipid over the whole suite, the stages' and servers'
+# processes included (coverage.py's subprocess patch, pyproject.toml); report in htmlcov/.
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest $(XDIST)
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage combine -q
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report --skip-covered --sort=cover
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage html -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

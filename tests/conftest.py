@@ -11,13 +11,23 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# `make test`'s workers share the machine's cores: torch's threads (OpenMP, which spins while it
+# waits) get the worker's share, in the worker and in every process it starts, rather than each
+# worker taking every core (set before anything imports torch).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(_share))
 
 # DVC and MLflow must never phone home from a test.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -144,6 +154,51 @@ def manifest_root(tmp_path: Path) -> Path:
     return root
 
 
+# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadscope) with the scheduler
+# below: a worker takes a whole scope, which is a module (its module fixtures, a server, a
+# browser, a trained model, start once), except where a module's tests share only session builds
+# that every worker can read (`built_once`), which go one by one. The longest go first
+# (--no-loadscope-reorder keeps this order): the team servers' module, the tests that need the
+# micro rebuild and those that need the micro build (two workers build them at once), the
+# modules with slow tests; the short ones fill in.
+PER_TEST_MODULES = ("test_pipeline.py", "test_mlflow_view.py", "test_reproducible.py")
+FIRST = ("team_server", "micro_rebuilt", "micro_built")  # fixtures of the longest tests
+
+
+def xdist_scope(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    return nodeid if module.rsplit("/", 1)[-1] in PER_TEST_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadscope by :func:`xdist_scope`."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return Scopes(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    for item in items:
+        if "team_server" in item.fixturenames and item.module.__name__ != "test_team":
+            raise pytest.UsageError(f"{item.nodeid} uses the team servers (a session fixture "
+                                    "that stops with its worker): move it to tests/test_team.py")
+
+    def rank(item: pytest.Item) -> int:
+        first = [f for f in FIRST if f in item.fixturenames]
+        if first:
+            return FIRST.index(first[0])
+        return len(FIRST) + (item.module.__name__ not in slow_modules)
+
+    items.sort(key=rank)  # stable: each module keeps its order
+
+
 # MLflow stores for the tracking tests (test_tracking, test_tracking_spool, test_lineage,
 # test_deploy).
 
@@ -211,8 +266,55 @@ def kill_in_second_epoch():
     return on_log
 
 
-# The micro pipeline of tests/test_pipeline.py built once per test session (test_reproducible,
-# test_mlflow_view): copy `first` rather than building another.
+# The micro pipeline of tests/test_pipeline.py built once per test run and shared by the
+# pytest-xdist workers (test_pipeline, test_reproducible, test_mlflow_view): a test that changes
+# a build copies it.
+
+T = TypeVar("T")
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], T], kind: type[T]) -> T:
+    """``build(folder)`` run once per test run, whichever worker asks first; the others wait for
+    it and read what it returned (a dataclass of paths, texts and numbers)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder, done = base / name, base / f"{name}.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            done.write_text(json.dumps(asdict(build(folder)), default=str))
+    values = json.loads(done.read_text())
+    return kind(**{f.name: Path(values[f.name]) if f.type == "Path" else values[f.name]
+                   for f in dataclass_fields(kind)})
+
+
+@dataclass(frozen=True)
+class MicroOrigin:
+    path: Path
+
+
+@pytest.fixture(scope="session")
+def micro_origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare repository holding this project's pipeline with the micro params.yaml."""
+    def build(base: Path) -> MicroOrigin:
+        from test_pipeline import sh, write_micro_pipeline
+
+        seed = write_micro_pipeline(base / "seed")
+        for args in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                     ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                     ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm",
+                      "micro"]):
+            sh(seed, *args)
+        sh(base, "git", "clone", "-q", "--bare", str(seed), str(base / "origin.git"))
+        return MicroOrigin(base / "origin.git")
+
+    return built_once(tmp_path_factory, "micro-origin", build, MicroOrigin).path
+
 
 @dataclass(frozen=True)
 class MicroBuild:
@@ -223,21 +325,52 @@ class MicroBuild:
 
 
 @pytest.fixture(scope="session")
-def micro_built(tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
-    from test_pipeline import sh, write_micro_pipeline
+def micro_built(micro_origin: Path, tmp_path_factory: pytest.TempPathFactory) -> MicroBuild:
+    def build(base: Path) -> MicroBuild:
+        from test_pipeline import sh
 
-    base = tmp_path_factory.mktemp("micro")
-    seed = write_micro_pipeline(base / "seed")
-    for args in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                 ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
-                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro"]):
-        sh(seed, *args)
-    origin = base / "origin.git"
-    sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
-    cache = base / "shared-cache"
-    first = micro_clone(origin, base / "first", cache)
-    out = sh(first, "dvc", "repro", timeout=3600)
-    return MicroBuild(origin, cache, first, out)
+        first = micro_clone(micro_origin, base / "first", base / "shared-cache")
+        with pytest.MonkeyPatch.context() as mp:  # its own store, whatever the developer's is
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            out = sh(first, "dvc", "repro", timeout=3600)
+        return MicroBuild(micro_origin, base / "shared-cache", first, out)
+
+    return built_once(tmp_path_factory, "micro", build, MicroBuild)
+
+
+@dataclass(frozen=True)
+class MicroRebuild:
+    clone: Path             # a clone of the micro build's origin with a DVC cache of its own
+    out: str                # its `dvc repro` (every stage trained again), the store out of reach
+    store_while_down: bool  # whether its mlflow.db existed before the sync (it must not)
+    spooled: int            # the runs its spool held before the sync
+    sync: str               # what `clipid tracking sync` (into its own store) printed
+
+
+@pytest.fixture(scope="session")
+def micro_rebuilt(micro_origin: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> MicroRebuild:
+    """The micro pipeline built again from scratch in another clone while the MLflow store is
+    out of reach, then synced: the rebuild's bytes (test_reproducible) and the spool's replay
+    (test_mlflow_view) are checked on the one build, which needs only the origin (so a worker
+    builds it while another builds ``micro_built``)."""
+    def build(base: Path) -> MicroRebuild:
+        from test_pipeline import sh
+
+        from _browser import free_port
+
+        clone = micro_clone(micro_origin, base / "clone")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
+            out = sh(clone, "dvc", "repro", timeout=3600)
+        spooled = len(list((clone / ".clipid" / "spool").glob("*.json")))
+        store_while_down = (clone / "mlflow.db").exists()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            synced = sh(clone, "clipid", "tracking", "sync")
+        return MicroRebuild(clone, out, store_while_down, spooled, synced)
+
+    return built_once(tmp_path_factory, "micro-rebuild", build, MicroRebuild)
 
 
 def micro_clone(origin: Path, dest: Path, cache: Path | None = None) -> Path:

@@ -22,8 +22,7 @@ import yaml
 
 from test_pipeline import sh, wait_for_queue
 
-from _browser import free_port
-from conftest import VENV_BIN, MicroBuild, micro_clone
+from conftest import VENV_BIN, MicroBuild, MicroRebuild, micro_clone
 
 pytestmark = pytest.mark.slow
 
@@ -201,6 +200,8 @@ def test_a_fresh_clone_holds_every_stage_and_a_second_repro_adds_nothing(
     run_ids = sorted(r.info.run_id for r in all_runs(first))
     again = sh(first, "dvc", "repro")
     assert re.findall(r"Running stage '([^']+)'", again) == ["fingerprint", "track"]
+    assert sh(first, "dvc", "status").split() == ["fingerprint:", "always", "changed",
+                                                  "track:", "always", "changed"]
     assert "0 change(s)" in again
     assert sorted(r.info.run_id for r in all_runs(first)) == run_ids
     assert store_state(first) == before
@@ -223,20 +224,17 @@ def test_a_clone_restored_from_the_run_cache_holds_every_stage(micro_built: Micr
 
 
 def test_with_the_store_down_the_spool_replays_to_the_same_state(
-        micro_built: MicroBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    up = micro_clone(micro_built.origin, tmp_path / "up", micro_built.cache)
-    sh(up, "dvc", "repro")
-    down = micro_clone(micro_built.origin, tmp_path / "down", micro_built.cache)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
-    out = sh(down, "dvc", "repro")
-    assert "not reconciled: spooled to" in out
-    assert not (down / "mlflow.db").exists()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    sh(down, "clipid", "tracking", "sync")
+        micro_built: MicroBuild, micro_rebuilt: MicroRebuild) -> None:
+    """The micro pipeline trained again in another clone with the store out of reach (every
+    stage's run spooled), then ``clipid tracking sync``: the store the first clone's live runs
+    made, run for run (its bytes: test_reproducible)."""
+    down = micro_rebuilt.clone
+    assert "not reconciled: spooled to" in micro_rebuilt.out
+    assert not micro_rebuilt.store_while_down and micro_rebuilt.spooled
     assert not list((down / ".clipid" / "spool").rglob("*.json"))
     commit = head(down)
     assert_complete(down, down, f"repro:{commit}", commit[:7])
-    assert store_state(down) == store_state(up)
+    assert store_state(down) == store_state(micro_built.first)
 
 
 def test_two_queued_experiments_in_parallel_each_hold_every_stage(
@@ -249,25 +247,37 @@ def test_two_queued_experiments_in_parallel_each_hold_every_stage(
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "repro")
     baseline = head(repo)
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "same-lr", "-S", "train.lr=1e-3")
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "double-lr", "-S", "train.lr=2e-3")
+    # Two experiments on a parameter only Stage 4 reads: one keeps its value, one doubles it.
+    triplet = {"same-triplet": "1.0", "double-triplet": "2.0"}
+    for name, weight in triplet.items():
+        sh(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S",
+           f"stage4.triplet_weight={weight}")
     sh(repo, "dvc", "queue", "start", "-j", "2")
     status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
+    # A changed parameter reruns exactly the stages that read it (each experiment's own log).
+    ran = {name: set(re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "queue", "logs",
+                                                                 name))) for name in triplet}
+    training = {dvc for dvc, file in MODEL_STAGES.values() if file} | {"clipreid_prompts"}
+    assert ran["double-triplet"] & training == {"train_stage4"}, ran["double-triplet"]
+    assert {"evaluate@stage4", "index", "report", "register", "export"} <= ran["double-triplet"]
+    assert not ran["same-triplet"] & training, ran["same-triplet"]  # 1.0 is the baseline's
+    ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/double-triplet"
+    diff = sh(repo, "dvc", "metrics", "diff", baseline, ref)
+    assert "metrics/stage4.json" in diff and "metrics/stage3.json" not in diff
     champions = set()
-    for name in ("same-lr", "double-lr"):
+    for name, weight in triplet.items():
         ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
         committed = {f: sh(repo, "git", "show", f"{ref}:{f}") for f in
                      [f"metrics/{s}.json" for s in MODEL_STAGES] + ["metrics/register.json"]}
         runs = assert_complete(repo, repo, f"exp:{name}:{baseline}", name, committed)
-        assert runs["train_stage2"].data.params["train.lr"] == (
-            "0.001" if name == "same-lr" else "0.002")
+        assert runs["train_stage4"].data.params["stage4.triplet_weight"] == weight
         best = json.loads(committed["metrics/register.json"])["clipid-image"]["stage"]
         champions.add(champion_digest(list(runs.values()), best))
     # champion: the image champion of the experiment whose track stage ran last
     alias = client(repo).get_model_version_by_alias("clipid-image", "champion")
     assert alias.tags["clipid.weights_sha256"] in champions
-    # same-lr's weights are the baseline's: DVC restored them and no version was added twice.
+    # same-triplet's weights are the baseline's: DVC restored them, no version was added twice.
     digests = {r.data.tags.get("clipid.weights_sha256") for r in all_runs(repo)} - {None}
     versions = client(repo).search_model_versions("name = 'clipid-image'")
     assert sorted(v.tags["clipid.weights_sha256"] for v in versions) == sorted(digests)
