@@ -106,6 +106,7 @@ def _train(prepared: Path, models: Path, workers: int) -> dict[str, torch.Tensor
     return load_checkpoint(trainer.fit().checkpoint)[0]
 
 
+@pytest.mark.slow
 def test_training_with_batch_augmentation_is_deterministic(prepared, tmp_path):
     a, b = _train(prepared, tmp_path / "a", 0), _train(prepared, tmp_path / "b", 1)
     assert a.keys() == b.keys()

@@ -23,6 +23,7 @@ def bench_train(monkeypatch):
     sys.modules.pop("_report", None)
 
 
+@pytest.mark.slow
 def test_bare_loop_trains_the_engines_weights_bit_for_bit(bench_train):
     """Same model, param groups, optimiser, schedule, loss and clipping: the engine and the
     20-line loop end on identical weights (over two epochs: warm-up and cosine both run)."""
@@ -36,6 +37,7 @@ def test_bare_loop_trains_the_engines_weights_bit_for_bit(bench_train):
         assert run["boundaries"] == [result["steps_per_epoch"] - 1]
 
 
+@pytest.mark.slow
 def test_a_changed_bare_loop_is_caught(bench_train, monkeypatch):
     """The weight comparison can fail: a loop at another learning rate ends elsewhere."""
     real = bench_train.bare_stage2

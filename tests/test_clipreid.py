@@ -145,6 +145,7 @@ def test_bad_templates_are_refused(template, n_ctx, message):
         PromptLearner(clip, 2, n_ctx, template, "garment")
 
 
+@pytest.mark.slow
 def test_prompt_stage_changes_only_the_prompt_tokens(learnt, prepared):
     params, models, result = learnt
     state, meta = load_checkpoint(result.checkpoint)
@@ -164,6 +165,7 @@ def test_prompt_stage_changes_only_the_prompt_tokens(learnt, prepared):
     assert {"i2t", "t2i", "loss"} <= set(meta["history"][0])
 
 
+@pytest.mark.slow
 def test_image_stage_keeps_text_tower_and_prompts_bit_identical(learnt, prepared):
     params, workspace, _ = learnt
     prompts = prompts_path(workspace)
@@ -187,6 +189,7 @@ def test_image_stage_keeps_text_tower_and_prompts_bit_identical(learnt, prepared
     assert torch.equal(again.features, classifier.features)
 
 
+@pytest.mark.slow
 def test_clipreid_from_a_stage_checkpoint_is_deterministic(prepared, tmp_path):
     # A stand-in Stage 2 checkpoint: clipreid.init names a stage, so nothing seeds torch's
     # global generator on the way (create_model only seeds for pretrained).
@@ -207,6 +210,7 @@ def test_clipreid_from_a_stage_checkpoint_is_deterministic(prepared, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_prompts_of_other_params_are_refused(learnt, prepared):
     _, workspace, _ = learnt
     with pytest.raises(ClipidError, match="n_ctx=4.*rerun"):
@@ -236,6 +240,7 @@ def test_report_describes_the_clipreid_row():
     assert text.endswith("from stage3")
 
 
+@pytest.mark.slow
 def test_a_killed_prompt_stage_resumes_to_the_same_prompts(learnt, prepared, tmp_path):
     params, _, straight = learnt  # the same params, never interrupted
     workspace = workspace_over(prepared, tmp_path)
@@ -255,6 +260,7 @@ def test_a_killed_prompt_stage_resumes_to_the_same_prompts(learnt, prepared, tmp
     assert not workspace.resume_dir("clipreid_prompts").exists()
 
 
+@pytest.mark.slow
 def test_a_prompt_resume_state_of_other_params_is_ignored(prepared, tmp_path):
     workspace = workspace_over(prepared, tmp_path)
     with pytest.raises(Interrupt):

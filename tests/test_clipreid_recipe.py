@@ -512,6 +512,7 @@ def test_image_stage_paper_loss_is_clipreids_on_the_same_batch():
 
 # --------------------------------------------------------------------- the whole recipe
 
+@pytest.mark.slow
 def test_both_stages_run_the_whole_recipe_and_log_its_learning_rates(tmp_path):
     from clipid.models.checkpoint import load_checkpoint
     from clipid.training.engine import Trainer
@@ -563,6 +564,7 @@ def test_both_stages_run_the_whole_recipe_and_log_its_learning_rates(tmp_path):
     assert len(meta["history"]) == 2
 
 
+@pytest.mark.slow
 def test_a_killed_recipe_stage_resumes_to_the_same_weights(tmp_path):
     """Stage 4 with CLIP-ReID's epoch, optimiser, schedule, augmentation and losses: the state
     after epoch 1 (per-epoch schedule, the epoch's own sampler draws) resumes exactly."""

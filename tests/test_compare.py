@@ -51,6 +51,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_one_line_per_experiment_and_stage(repo: Path) -> None:
     table = compare_table(experiment_rows(repo=repo), stages=("stage1", "stage2"))
     lines = table.splitlines()
@@ -60,6 +61,7 @@ def test_one_line_per_experiment_and_stage(repo: Path) -> None:
     assert sum(line.startswith("| bright |") for line in lines) == 2
 
 
+@pytest.mark.slow
 def test_named_experiments_only_and_unknown_names_say_the_known(repo: Path) -> None:
     rows = experiment_rows(["bright"], repo=repo)
     assert [name for name, _ in rows] == ["bright"]

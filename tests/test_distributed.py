@@ -80,6 +80,7 @@ def _spawn(raw: dict, stages: list[str], prepared: Path, out: Path) -> list[dict
     return [torch.load(out / f"weights.{r}") for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(prepared, tmp_path):
     raw = ddp_params(stage4={"init": "stage2", "epochs": 1})
     ranks = _spawn(raw, ["stage2", "stage4"], prepared, tmp_path / "ddp")
@@ -142,6 +143,7 @@ def test_a_stage_runs_under_torchrun_with_train_nproc(prepared, tmp_path):
     assert len(runs) == 1 and nproc == [(str(WORLD),)]
 
 
+@pytest.mark.slow
 def test_cuda_only_options_are_ignored_on_cpu(prepared, tmp_path, caplog):
     """Mixed precision, channels-last and compile are CUDA features: the same params train
     bit-identically in fp32 on CPU, with a warning instead of an error."""

@@ -107,6 +107,7 @@ def test_resnet_towers_are_refused_with_a_clear_error():
         train_step_flops("RN50", 1)
 
 
+@pytest.mark.slow
 def test_bench_train_device_report_runs_on_cpu(capsys, monkeypatch):
     """``bench/train.py --gpu-only`` with ``--device cpu``: the report a GPU session will run,
     with its MFU column (n/a: no known peak for a CPU) and the one-step profile."""

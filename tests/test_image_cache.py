@@ -84,6 +84,7 @@ def _train(prepared: Path, models: Path, cache: bool, workers: int) -> dict:
     return load_checkpoint(trainer.fit().checkpoint)[0]
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_learns_what_training_from_pngs_learns(prepared, tmp_path):
     pngs = _train(prepared, tmp_path / "png", cache=False, workers=0)
     cached = _train(prepared, tmp_path / "npy", cache=True, workers=1)

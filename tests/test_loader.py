@@ -117,6 +117,7 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
         assert torch.equal(value, b[key]), f"{key} differs: {what}"
 
 
+@pytest.mark.slow
 def test_weights_do_not_depend_on_the_number_of_workers(prepared, tmp_path):
     inline = _weights(raw_params(0), prepared, tmp_path / "w0")
     _assert_same(inline, _weights(raw_params(1), prepared, tmp_path / "w1"), "0 vs 1 worker")
@@ -134,6 +135,7 @@ def _kill_at(step: int):
     return on_log
 
 
+@pytest.mark.slow
 def test_persistent_workers_resume_to_the_weights_of_a_straight_run(prepared, tmp_path):
     straight = _weights(raw_params(0), prepared, tmp_path / "straight")
     models = tmp_path / "killed"

@@ -3,6 +3,7 @@ batches and the evaluation pass, the camera embedding trained, saved and rebuilt
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clipid.config import params_from_dict
@@ -20,6 +21,7 @@ MODEL = {"sie": True, "sie_coe": 2.0, "image_size": [64, 32], "patch_stride": 6,
          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "embedding": "concat"}
 
 
+@pytest.mark.slow
 def test_sie_stage_trains_saves_loads_and_evaluates_with_cameras(tmp_path) -> None:
     params = params_from_dict({
         "data": {"synthetic": {"items": 12, "views": 4, "image_size": 48}, "cache_size": 32,

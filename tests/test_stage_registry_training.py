@@ -80,6 +80,7 @@ def prepared(tmp_path_factory) -> Path:
     return prepare_data(micro_params(), tmp_path_factory.mktemp("toy"))
 
 
+@pytest.mark.slow
 def test_a_registered_stage_trains_with_its_own_loss_mix_and_term(toy_stage, prepared,
                                                                   tmp_path):
     assert toy_stage in trained_stages()

@@ -46,6 +46,7 @@ def towers(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor
     return {k: v for k, v in state.items() if not k.startswith("heads.") and tower_of(k) == tower}
 
 
+@pytest.mark.slow
 def test_stage2_trains_the_image_tower_against_a_bit_identical_text_tower(prepared, tmp_path):
     params = micro_params()
     checkpoint = fit(params, "stage2", prepared, tmp_path)
@@ -60,6 +61,7 @@ def test_stage2_trains_the_image_tower_against_a_bit_identical_text_tower(prepar
     assert meta["params"]["train.lr"] == params.train.lr
 
 
+@pytest.mark.slow
 def test_stages_chain_by_checkpoint_and_stage4_keeps_its_heads_apart(prepared, tmp_path):
     params = micro_params(stage2={"epochs": 1}, stage3={"epochs": 1}, stage4={"epochs": 1})
     for stage in ("stage2", "stage3", "stage4"):
@@ -80,6 +82,7 @@ def test_stages_chain_by_checkpoint_and_stage4_keeps_its_heads_apart(prepared, t
     assert not any(k.startswith("heads.") for k in loaded.model.state_dict())
 
 
+@pytest.mark.slow
 def test_a_killed_stage_resumes_to_the_same_weights(prepared, tmp_path):
     params = micro_params(stage4={"init": "stage1", "center_weight": 0.001})
     reference, _ = load_checkpoint(fit(params, "stage4", prepared, tmp_path / "straight"))
@@ -101,6 +104,7 @@ def test_a_killed_stage_resumes_to_the_same_weights(prepared, tmp_path):
     assert not (root / ".clipid" / "resume" / "stage4").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_state_of_other_params_is_ignored(prepared, tmp_path):
     with pytest.raises(Interrupt):
         fit(micro_params(), "stage2", prepared, tmp_path, on_log=kill_in_second_epoch())
