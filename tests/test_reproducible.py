@@ -43,10 +43,11 @@ def built(micro_built: MicroBuild, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.slow
-def test_a_rebuild_in_another_clone_gives_the_same_bytes(micro_built: MicroBuild,
-                                                         micro_rebuilt: MicroRebuild,
+def test_a_rebuild_in_another_clone_gives_the_same_bytes(micro_rebuilt: MicroRebuild,
+                                                         micro_built: MicroBuild,
                                                          tmp_path: Path) -> None:
-    # The session's rebuild: another clone, a cache of its own, the MLflow store out of reach.
+    # The run's rebuild: another clone, a cache of its own, the MLflow store out of reach.
+    # (Asked for first: while this worker builds it, test_mlflow_view's builds micro_built.)
     second = micro_rebuilt.clone
     assert all(f"Running stage '{stage}'" in micro_rebuilt.out for stage in TRAINING)
     # dvc.lock, metrics/ and models/ as the first clone made them, byte for byte.
