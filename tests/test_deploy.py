@@ -320,3 +320,17 @@ def test_a_checkpoint_without_a_model_is_kept_as_a_file(store: Path) -> None:
     assert not (store / "mlruns" / run_id / "artifacts" / "model").exists()
     with pytest.raises(MlflowException):
         client(store).get_registered_model(IMAGE_MODEL)
+
+
+def test_the_same_weights_in_another_run_reuse_their_version(store: Path) -> None:
+    """A deterministic rebuild (or a stage DVC restored in another experiment) logs weights the
+    registry holds already: its run is tagged with them, and no version is added."""
+    weights = checkpoint(store / "models", "stage2", seed=3)
+    first = train_run("stage2", weights)
+    again = train_run("stage2", weights)
+    mlflow = client(store)
+    versions = mlflow.search_model_versions(f"name = '{IMAGE_MODEL}'")
+    assert [v.run_id for v in versions] == [first]
+    digest = file_sha256(weights)
+    assert mlflow.get_run(again).data.tags["clipid.weights_sha256"] == digest
+    assert not list((store / "mlruns").rglob(f"{again}/artifacts/model"))  # logged once
