@@ -158,6 +158,13 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def mlflow_client(url: str) -> Any:
+    """A client of the tracking server at ``url``, its Model Registry included."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=url, registry_uri=url)
+
+
 def s3_client(endpoint: str) -> Any:
     import botocore.session
 

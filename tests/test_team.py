@@ -20,6 +20,7 @@ from _servers import (
     S3_KEY,
     S3_SECRET,
     create_database,
+    mlflow_client,
     seaweedfs,
     server_env,
     stop,
@@ -70,18 +71,12 @@ def team_repo(team_server: TeamServer, tmp_path_factory: pytest.TempPathFactory,
     return origin, first
 
 
-def _client(url: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=url, registry_uri=url)
-
-
 @pytest.mark.slow
 @pytest.mark.team
 def test_the_pipeline_tracks_into_the_team_server(team_server: TeamServer,
                                                   team_repo: tuple[Path, Path]) -> None:
     _, first = team_repo
-    client = _client(team_server.url)
+    client = mlflow_client(team_server.url)
     experiment = client.get_experiment_by_name("clipid")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
@@ -149,7 +144,7 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
     finally:
         sh(first, "dvc", "queue", "stop")  # DVC's own workers, by DVC
     assert status.count("Success") == 2 and "Failed" not in status, status
-    client = _client(team_server.url)
+    client = mlflow_client(team_server.url)
     experiment = client.get_experiment_by_name("clipid")
     runs = client.search_runs([experiment.experiment_id],
                               "tags.`clipid.stage` = 'train_stage2'")
@@ -166,7 +161,7 @@ def _wait_for_run(url: str, stage: str, exp: subprocess.Popen, log: Path) -> Non
     """Until the server holds a run of ``stage`` (the experiment ``exp`` must not end first)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(url)
+    client = mlflow_client(url)
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
         assert exp.poll() is None, f"the experiment ended first:\n{log.read_text()}"
@@ -226,7 +221,7 @@ def test_a_server_stopped_mid_stage_loses_nothing_of_a_temporary_experiment(
         assert again == url
         _run(clone, {"MLFLOW_TRACKING_URI": url}, "clipid", "tracking", "sync")
         assert spool.pending(clone) == [] and reconcile.pending(clone) == []
-        _assert_replayed(_client(url), weights, snap.champions, records)
+        _assert_replayed(mlflow_client(url), weights, snap.champions, records)
 
 
 def _assert_replayed(client, weights: str, champions: dict[str, str], records: dict) -> None:

@@ -14,6 +14,7 @@ import pytest
 from _servers import (
     S3_KEY,
     S3_SECRET,
+    mlflow_client,
     s3_client,
     seaweedfs,
     server_env,
@@ -22,12 +23,6 @@ from _servers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _client(url: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=url, registry_uri=url)
 
 
 def _folder(path: Path) -> Path:
@@ -45,7 +40,7 @@ def test_the_server_keeps_proxied_artifacts_on_s3(tmp_path: Path) -> None:
     with seaweedfs(_folder(tmp_path / "s3"), "mlflow") as endpoint, tracking_server(
             f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://mlflow/artifacts", tmp_path,
             {**s3_env, "MLFLOW_S3_ENDPOINT_URL": endpoint}) as url:
-        client = _client(url)
+        client = mlflow_client(url)
         run = client.create_run(client.create_experiment("team"))
         client.log_text(run.info.run_id, "proxied", "notes/hello.txt")
         local = client.download_artifacts(run.info.run_id, "notes/hello.txt", str(tmp_path))
