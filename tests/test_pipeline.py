@@ -154,3 +154,26 @@ def test_dvc_repro_runs_the_whole_dag(micro_built: MicroBuild, tmp_path: Path) -
                if line and not line[0].isspace()}
     assert {"train_stage2", "train_stage3", "train_stage4", "evaluate_stage1"} <= changed
     assert "prepare" not in changed and "clean_captions" not in changed
+
+
+# `clipid <args>` with torch and open_clip unimportable (None in sys.modules).
+WITHOUT_TORCH = ("import sys; sys.modules.update(torch=None, open_clip=None); "
+                 "from clipid.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.slow
+def test_track_and_register_start_without_torch(micro_built: MicroBuild, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """track (every `dvc repro` runs it) and register read metrics, hashes and the store:
+    importing torch and open_clip would cost each seconds of start-up."""
+    repo = tmp_path / "repo"
+    shutil.copytree(micro_built.first, repo, symlinks=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the copy's own store
+    champions = json.loads((repo / "metrics" / "register.json").read_text())
+    # (A Stage 1 champion's digest needs its model rebuilt: torch, rightly.)
+    assert "stage1" not in {block["stage"] for block in champions.values()}, champions
+    python = str(VENV_BIN / "python")
+    registered = sh(repo, python, "-c", WITHOUT_TORCH, "register", *STAGES)
+    assert all(f"{name}@champion version" in registered for name in champions), registered
+    tracked = sh(repo, python, "-c", WITHOUT_TORCH, "track")
+    assert "0 change(s)" in tracked, tracked

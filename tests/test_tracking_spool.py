@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -433,3 +434,50 @@ def test_a_spooled_pipeline_view_registers_its_kept_checkpoint_and_sets_the_poli
         assert candidate.tags["clipid.weights_sha256"] == view.tags["clipid.checkpoint.sha256"]
         assert dict(c.get_registered_model(model).aliases) == {"candidate-wide-lr":
                                                                candidate.version}
+
+
+def test_the_spool_keeps_what_it_can_names_what_it_lost_and_replays_once(
+        store: Path, tmp_path_factory: pytest.TempPathFactory,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A big file on another filesystem is copied (no hard link across filesystems); a file
+    rewritten before the spool kept it is named missing at replay; one the spool cannot keep
+    stays by path (a warning); a record replayed twice (leaving the spool failed) leaves one
+    run."""
+    other_fs = Path("/dev/shm")
+    if not other_fs.is_dir() or other_fs.stat().st_dev == store.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the test's folder")
+    source = tmp_path_factory.mktemp("outputs")
+    big = Path(tempfile.mkdtemp(dir=other_fs)) / "figure.png"
+    big.write_bytes(os.urandom(3 << 19))  # 1.5 MiB: over COPY_UP_TO, so linked where it can be
+    rewritten, by_path = source / "cmc.json", source / "roc.json"
+    rewritten.write_text('{"rank": 1}')
+    by_path.write_text('{"tpr": 0.5}')
+    record = spool.RunRecord(uri=tracking.tracking_uri(), experiment="clipid", run_name="stage2",
+                             status="FINISHED", tags={"clipid.stage": "train_stage2"})
+    for path in (big, rewritten, by_path):
+        record.add_artifact(path, "eval", None)
+    rewritten.write_text('{"rank": 2}')  # the stage rewrote it before the spool kept it
+    files = spool.spool_dir(store) / f"{record.id}.files"
+    files.mkdir(parents=True)
+    (files / "2").write_text("in the way")  # roc.json's folder cannot be made
+
+    with caplog.at_level("WARNING", logger="clipid.tracking_spool"):
+        path = spool.write(record, store)
+    assert f"could not keep {by_path}" in caplog.text
+    copies = [a["copy"] for a in json.loads(path.read_text())["artifacts"]]
+    assert copies[1:] == [None, None]  # both stay by path
+    kept = spool.spool_dir(store) / copies[0]
+    assert kept.stat().st_nlink == 1 and file_sha256(kept) == file_sha256(big)
+    shutil.rmtree(big.parent)
+
+    entry_json = path.read_text()
+    [(_, first)] = sync_spool(store)
+    c = client(store)
+    assert c.get_run(first).data.tags["clipid.spool.missing_artifacts"] == "cmc.json"
+    assert {a.path for a in c.list_artifacts(first, "eval")} == {"eval/figure.png",
+                                                                 "eval/roc.json"}
+    path.write_text(entry_json)  # as if the replay died before the record left the spool
+    [(_, second)] = sync_spool(store)
+    runs = c.search_runs([c.get_run(second).info.experiment_id],
+                         f"tags.`clipid.spool.id` = '{record.id}'")
+    assert [r.info.run_id for r in runs] == [second] and second != first

@@ -35,6 +35,7 @@ from clipid.deploy.promotion import git_branch, promotion_alias
 from clipid.deploy.registry import SHA_TAG, drop_duplicate_versions, registered_versions
 from clipid.files import file_sha256, sidecar_path
 from clipid.lineage import checkpoint_tags
+from clipid.stage_metrics import eval_metrics, index_metrics
 from clipid.stage_registry import STAGES, StageInfo
 from clipid.tracking_pipeline import (
     PARENT_TAG,
@@ -155,8 +156,6 @@ def _stage_view(info: StageInfo, flat: dict[str, str], params: Params, workspace
                 root: Path) -> RunView | None:
     """A model stage's run: its DVC stage's params (and its evaluation's), its checkpoint's
     hashes, the evaluation's metrics; None when DVC holds nothing of it."""
-    from clipid.stages.evaluate import eval_metrics
-
     metrics_path = workspace.stage_metrics(info.name)
     stages = (info.dvc_stage,) if info.is_pretrained or not info.has_model \
         else (info.dvc_stage, info.evaluated_by)
@@ -189,8 +188,6 @@ def _stage_view(info: StageInfo, flat: dict[str, str], params: Params, workspace
 
 def _summary_views(flat: dict[str, str], workspace: Workspace, root: Path) -> list[RunView]:
     """The index's and the report's runs, when DVC holds their outputs."""
-    from clipid.stages.index import index_metrics
-
     views = []
     if workspace.index_metrics.is_file():
         summary = json.loads(workspace.index_metrics.read_text(encoding="utf-8"))

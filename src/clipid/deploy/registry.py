@@ -19,6 +19,7 @@ from typing import Any
 from clipid.config import Params
 from clipid.deploy import CHAMPION, IMAGE_MODEL, TEXT_MODEL
 from clipid.errors import ClipidError
+from clipid.files import file_sha256
 from clipid.stage_registry import get_stage
 from clipid.workspace import Workspace
 
@@ -90,7 +91,6 @@ def log_checkpoint_model(client: Any, run_id: str, checkpoint: Path, stage: str
     """:func:`log_stage_model` of the model in ``checkpoint``, unless the registry holds these
     weights already (a deterministic rebuild, a stage DVC restored in another experiment): one
     version per distinct weights, which the run is tagged with."""
-    from clipid.models.checkpoint import file_sha256
     from clipid.models.factory import load_model
 
     digest = file_sha256(checkpoint)
@@ -139,7 +139,6 @@ def registered_versions(client: Any, digest: str) -> dict[str, str]:
 def stage_digest(params: Params, stage: str, workspace: Workspace | None = None
                  ) -> str | None:
     """SHA-256 of the weights the stage's MLflow Model holds; None when the stage has none."""
-    from clipid.models.checkpoint import file_sha256
 
     if not get_stage(stage).is_pretrained:
         checkpoint = (workspace or Workspace()).weights(stage)

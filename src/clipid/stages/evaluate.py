@@ -18,6 +18,7 @@ from clipid.evaluation import EvalResult, evaluate, write_results
 from clipid.lineage import checkpoint_tags
 from clipid.models.stages import model_for_stage
 from clipid.runtime import setup_runtime, teardown_runtime
+from clipid.stage_metrics import eval_metrics
 from clipid.stage_registry import get_stage
 from clipid.tracking import Tracker
 from clipid.workspace import Workspace
@@ -82,13 +83,3 @@ def _tracker(params: Params, stage: str, workspace: Workspace) -> Tracker:
     return Tracker(stage=info.dvc_stage, params=params, run_name=stage, checkpoint=checkpoint,
                    param_stages=(info.dvc_stage, info.evaluated_by),
                    tags={"clipid.eval_stage": info.evaluated_by, **checkpoint_tags(checkpoint)})
-
-
-def eval_metrics(metrics: dict) -> dict[str, float]:
-    """``{"eval/i2i/mAP": ..., "eval/t2i/R1": ...}``: the flat numeric form MLflow takes."""
-    flat: dict[str, float] = {}
-    for block in ("i2i", "t2i"):
-        for key, value in metrics.get(block, {}).items():
-            flat[f"eval/{block}/{key}"] = float(value)
-    flat["eval/queries"] = float(metrics["queries"])
-    return flat

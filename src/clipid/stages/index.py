@@ -18,12 +18,13 @@ from clipid.models.stages import model_for_stage
 from clipid.runtime import is_main_process, setup_runtime, teardown_runtime
 from clipid.search.gallery import GalleryIndex
 from clipid.search.index import FaissIndex, recall_against_exact
+from clipid.stage_metrics import index_metrics
 from clipid.tracking import Tracker
 from clipid.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["index_metrics", "index_stage"]
+__all__ = ["index_stage"]
 
 
 def index_stage(params: Params, workspace: Workspace | None = None) -> dict[str, dict]:
@@ -45,12 +46,6 @@ def index_stage(params: Params, workspace: Workspace | None = None) -> dict[str,
         tracker.log_metrics({f"index/{m}/build_seconds": s for m, s in seconds.items()})
         tracker.log_artifact(metrics_path, "index")
     return summary
-
-
-def index_metrics(summary: dict[str, dict]) -> dict[str, float]:
-    """``{"index/stage4/images": ...}``: the numbers of ``metrics/index.json`` for MLflow."""
-    return {f"index/{m}/{k}": float(v) for m, e in summary.items()
-            for k, v in e.items() if isinstance(v, (int, float))}
 
 
 def _build_all(params: Params, workspace: Workspace, device
