@@ -39,14 +39,25 @@ def sh(cwd: Path, *cmd: str, timeout: int = 1800) -> str:
     return proc.stdout + proc.stderr
 
 
-def wait_for_queue(repo: Path, timeout_s: float = 1800) -> str:
-    """``dvc queue status`` once no experiment is queued or running."""
-    deadline = time.monotonic() + timeout_s
+def wait_for_queue(repo: Path, timeout_s: float = 1800, recheck_s: float = 20) -> str:
+    """``dvc queue status`` once no experiment is queued or running. Each look costs a DVC
+    start (~1 s of CPU, on a machine the experiments keep busy): between looks, git's
+    experiment refs (one more per experiment done) say cheaply when to look again; a failed
+    experiment adds none, so DVC is asked at least every ``recheck_s``."""
+    def refs() -> str:
+        return sh(repo, "git", "for-each-ref", "refs/exps")
+
+    deadline, pause = time.monotonic() + timeout_s, recheck_s
     while time.monotonic() < deadline:
-        status = sh(repo, "dvc", "queue", "status")
+        done, status = refs(), sh(repo, "dvc", "queue", "status")
         if not re.search(r"\b(Queued|Running)\b", status):
             return status
-        time.sleep(2)  # polling DVC's queue, not timing anything
+        look_again, pause = min(deadline, time.monotonic() + pause), recheck_s
+        while time.monotonic() < look_again:
+            time.sleep(0.5)  # polling the queue's results, not timing anything
+            if refs() != done:  # one finished (DVC may list it as running a moment longer)
+                pause = 2
+                break
     pytest.fail(f"the queue did not finish within {timeout_s} s:\n{status}")
 
 

@@ -22,7 +22,7 @@ def test_the_store_is_under_dvc_root(store: Path) -> None:
     assert ui_command(port=5123) == [
         "mlflow", "ui", "--backend-store-uri", tracking_uri(),
         "--default-artifact-root", str(store.resolve() / "mlruns"),
-        "--host", "127.0.0.1", "--port", "5123"]
+        "--host", "127.0.0.1", "--port", "5123", "--workers", "1"]
 
 
 def test_without_dvc_root_the_store_is_the_enclosing_repository(

@@ -101,11 +101,12 @@ def artifact_root(root: Path | None = None) -> Path:
 
 
 def ui_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The ``mlflow ui`` command line that browses this repository's store."""
+    """The ``mlflow ui`` command line that browses this repository's store: one worker (one
+    person's browser; MLflow's default four take twice as long to start)."""
     root = store_root()
     return ["mlflow", "ui", "--backend-store-uri", tracking_uri(root),
             "--default-artifact-root", str(artifact_root(root)),
-            "--host", host, "--port", str(port)]
+            "--host", host, "--port", str(port), "--workers", "1"]
 
 
 def mlflow_client(uri: str) -> Any:
