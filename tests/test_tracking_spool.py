@@ -438,7 +438,7 @@ def test_a_spooled_pipeline_view_registers_its_kept_checkpoint_and_sets_the_poli
 
 def test_the_spool_keeps_what_it_can_names_what_it_lost_and_replays_once(
         store: Path, tmp_path_factory: pytest.TempPathFactory,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest) -> None:
     """A big file on another filesystem is copied (no hard link across filesystems); a file
     rewritten before the spool kept it is named missing at replay; one the spool cannot keep
     stays by path (a warning); a record replayed twice (leaving the spool failed) leaves one
@@ -447,7 +447,9 @@ def test_the_spool_keeps_what_it_can_names_what_it_lost_and_replays_once(
     if not other_fs.is_dir() or other_fs.stat().st_dev == store.stat().st_dev:
         pytest.skip("needs /dev/shm on a filesystem other than the test's folder")
     source = tmp_path_factory.mktemp("outputs")
-    big = Path(tempfile.mkdtemp(dir=other_fs)) / "figure.png"
+    shm = Path(tempfile.mkdtemp(dir=other_fs))
+    request.addfinalizer(lambda: shutil.rmtree(shm, ignore_errors=True))  # RAM, even on failure
+    big = shm / "figure.png"
     big.write_bytes(os.urandom(3 << 19))  # 1.5 MiB: over COPY_UP_TO, so linked where it can be
     rewritten, by_path = source / "cmc.json", source / "roc.json"
     rewritten.write_text('{"rank": 1}')
@@ -468,7 +470,7 @@ def test_the_spool_keeps_what_it_can_names_what_it_lost_and_replays_once(
     assert copies[1:] == [None, None]  # both stay by path
     kept = spool.spool_dir(store) / copies[0]
     assert kept.stat().st_nlink == 1 and file_sha256(kept) == file_sha256(big)
-    shutil.rmtree(big.parent)
+    shutil.rmtree(shm)
 
     entry_json = path.read_text()
     [(_, first)] = sync_spool(store)
