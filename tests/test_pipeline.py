@@ -67,6 +67,7 @@ def write_micro_pipeline(repo: Path) -> Path:
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
     shutil.copy(REPO / ".gitignore", repo)
+    shutil.copy(REPO / ".dvcignore", repo)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, MICRO)))
     return repo

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,10 @@ def test_a_rebuild_in_another_clone_gives_the_same_bytes(micro_rebuilt: MicroReb
 def test_a_clone_sharing_the_dvc_cache_runs_no_stage(built: tuple[Path, Path]) -> None:
     origin, cache = built
     third = clone(origin, origin.parent / "third", cache)
+    # Python's bytecode next to the sources, which importing them writes wherever
+    # PYTHONDONTWRITEBYTECODE is not set: the stages' source folders stay as dvc.lock has them.
+    sh(third, sys.executable, "-m", "compileall", "-q", "src")
+    assert list((third / "src" / "clipid" / "models").glob("__pycache__/*.pyc"))
     out = sh(third, "dvc", "repro")
     # The fingerprint and track (always_changed) run on every repro; nothing else does: every
     # other stage's outputs come from the shared cache.
