@@ -1,8 +1,8 @@
-"""Team mode (README: Team setup) against real servers on loopback: the micro pipeline tracks
-into `clipid server` on PostgreSQL (runs, metrics, versions, alias, lineage, the champion loaded
-from the server), and its outputs go through a local-folder DVC remote and an S3 remote on
-SeaweedFS into fresh clones. The team install, the server's command line and a server of its
-own: tests/test_team_setup.py."""
+"""Team mode (README: Team setup) against real servers on loopback: the micro pipeline, restored
+from the run-cache, is mirrored into `clipid server` on PostgreSQL (runs, metrics, versions,
+alias, lineage, the champion loaded from the server), its experiments track into it live, and its
+outputs go through a local-folder DVC remote and an S3 remote on SeaweedFS into fresh clones.
+The team install, the server's command line and a server of its own: tests/test_team_setup.py."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from _servers import (
 from test_pipeline import STAGES, sh, wait_for_queue, write_micro_pipeline
 
 from _browser import free_port
-from conftest import TeamServer
+from conftest import MicroBuild, TeamServer
 
 REPO = Path(__file__).resolve().parents[1]
 TRACKED_STAGES = {"evaluate_stage1", "train_stage2", "train_stage3", "train_stage4",
@@ -45,11 +45,14 @@ def git_clone(origin: Path, dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def team_repo(team_server: TeamServer, tmp_path_factory: pytest.TempPathFactory,
-              ) -> tuple[Path, Path]:
+def team_repo(team_server: TeamServer, micro_built: MicroBuild,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``(origin, first clone)``: a bare repository with the micro pipeline and a shared DVC
     remote (a folder), whose first clone ran ``dvc repro`` against the team server and pushed
-    dvc.lock and metrics/ (its DVC cache is its own)."""
+    dvc.lock and metrics/. Its DVC cache is the session's micro build's, so DVC restores every
+    stage from the run-cache and `track` mirrors them into the server (what a teammate's clone
+    sharing a cache or a remote does); the stages that run live against the server: the parallel
+    experiments and the stopped server's experiment below."""
     base = tmp_path_factory.mktemp("team")
     seed = write_micro_pipeline(base / "seed")
     sh(seed, "git", "init", "-q", "-b", "main")  # the production branch (mlflow.production_branch)
@@ -62,9 +65,11 @@ def team_repo(team_server: TeamServer, tmp_path_factory: pytest.TempPathFactory,
     sh(base, "git", "clone", "-q", "--bare", str(seed), str(origin))
 
     first = git_clone(origin, base / "first")
+    sh(first, "dvc", "config", "--local", "cache.dir", str(micro_built.cache))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", team_server.url)
-        sh(first, "dvc", "repro", timeout=3600)
+        out = sh(first, "dvc", "repro", timeout=3600)
+    assert not set(re.findall(r"Running stage '([^']+)'", out)) & TRACKED_STAGES - {"report"}, out
     sh(first, "git", "add", "-A")
     sh(first, "git", "commit", "-qm", "repro")
     sh(first, "git", "push", "-q", "origin", "HEAD")
@@ -84,7 +89,8 @@ def test_the_pipeline_tracks_into_the_team_server(team_server: TeamServer,
     assert set(by_stage) >= TRACKED_STAGES, sorted(by_stage)
     assert not list((first / ".clipid" / "spool").glob("*.json")), "a run was spooled"
     stage2 = by_stage["train_stage2"]
-    assert {"eval/i2i/mAP", "train/loss"} <= set(stage2.data.metrics)
+    assert stage2.data.tags["clipid.restored"] == "dvc"  # made by `track`, DVC restored it
+    assert "eval/i2i/mAP" in stage2.data.metrics
     assert stage2.data.params["train.lr"] == "0.001"
     # Artifacts go through the server (proxied) into its destination folder.
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
@@ -137,7 +143,7 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
     _, first = team_repo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.url)  # the queue's workers inherit it
     for lr in ("2e-3", "3e-3"):
-        sh(first, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "train_stage2")
+        sh(first, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "evaluate@stage2")
     sh(first, "dvc", "queue", "start", "-j", "2")
     try:
         status = wait_for_queue(first)
@@ -148,9 +154,15 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
     experiment = client.get_experiment_by_name("clipid")
     runs = client.search_runs([experiment.experiment_id],
                               "tags.`clipid.stage` = 'train_stage2'")
-    queued = {r.data.params["train.lr"]: r.data.tags.get("dvc.exp_name") for r in runs
-              if r.data.params["train.lr"] in ("0.002", "0.003")}
+    live = [r for r in runs if r.data.params["train.lr"] in ("0.002", "0.003")]
+    queued = {r.data.params["train.lr"]: r.data.tags.get("dvc.exp_name") for r in live}
     assert len(queued) == 2 and all(queued.values()) and len(set(queued.values())) == 2, queued
+    for run in live:  # logged while training and evaluating, the model through the server
+        assert "clipid.restored" not in run.data.tags
+        assert {"eval/i2i/mAP", "train/loss"} <= set(run.data.metrics)
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                           "model")}
     assert not list((first / ".clipid" / "spool").glob("*.json")), "a run was spooled"
     log = team_server.log.read_text().splitlines()
     errors = [line for line in log if re.search(r'HTTP/[\d.]+" 5\d\d', line)]
@@ -177,7 +189,8 @@ def _wait_for_run(url: str, stage: str, exp: subprocess.Popen, log: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.team
 def test_a_server_stopped_mid_stage_loses_nothing_of_a_temporary_experiment(
-        team_server: TeamServer, team_repo: tuple[Path, Path], tmp_path: Path) -> None:
+        team_server: TeamServer, team_repo: tuple[Path, Path], micro_built: MicroBuild,
+        tmp_path: Path) -> None:
     """`dvc exp run --temp` with the server stopped while train_stage4 runs: its runs spool into
     the workspace (DVC then deletes the experiment's own), `clipid tracking sync` after the
     restart replays them with the model registered and the experiment's candidate alias set."""
@@ -189,7 +202,7 @@ def test_a_server_stopped_mid_stage_loses_nothing_of_a_temporary_experiment(
     database = create_database(team_server.database, "restart")
     port, workdir = free_port(), tmp_path / "server"
     clone = git_clone(origin, tmp_path / "clone")  # earlier stages come from first's cache
-    sh(clone, "dvc", "config", "--local", "cache.dir", str(first / ".dvc" / "cache"))
+    sh(clone, "dvc", "config", "--local", "cache.dir", str(micro_built.cache))
     log = tmp_path / "exp.log"
     with tracking_server(database, str(workdir / "artifacts"), workdir, port=port) as url, \
             log.open("wb") as out:
