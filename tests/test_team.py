@@ -142,7 +142,7 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     _, first = team_repo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.url)  # the queue's workers inherit it
-    for lr in ("2e-3", "3e-3"):
+    for lr in ("1e-5", "2e-5"):  # DVC writes 1e-05, which plain PyYAML reads as a string
         sh(first, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "evaluate@stage2")
     sh(first, "dvc", "queue", "start", "-j", "2")
     try:
@@ -154,7 +154,7 @@ def test_two_experiments_in_parallel_lose_no_run(team_server: TeamServer,
     experiment = client.get_experiment_by_name("clipid")
     runs = client.search_runs([experiment.experiment_id],
                               "tags.`clipid.stage` = 'train_stage2'")
-    live = [r for r in runs if r.data.params["train.lr"] in ("0.002", "0.003")]
+    live = [r for r in runs if r.data.params["train.lr"] in ("1e-05", "2e-05")]
     queued = {r.data.params["train.lr"]: r.data.tags.get("dvc.exp_name") for r in live}
     assert len(queued) == 2 and all(queued.values()) and len(set(queued.values())) == 2, queued
     for run in live:  # logged while training and evaluating, the model through the server
