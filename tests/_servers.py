@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from _browser import free_port, server_process
+from _browser import free_port, free_ports, server_process
 
 POSTGRES_USER = "clipid"  # the cluster's superuser, whatever the OS user
 DATABASE = "mlflow"
@@ -181,8 +181,10 @@ def _make_bucket(endpoint: str, bucket: str) -> None:
 def seaweedfs(root: Path, bucket: str) -> Iterator[str]:
     """SeaweedFS (master, volume, filer, S3 gateway) in one ``weed server`` process on free
     loopback ports, data in ``root``; yields the S3 endpoint, ``bucket`` made."""
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-    grpc = {name: free_port() for name in ports}  # weed's default port+10000 may not exist
+    names = ("master", "volume", "filer", "s3")
+    drawn = free_ports(2 * len(names))  # gRPC's too: weed's default port+10000 may not exist
+    ports = dict(zip(names, drawn[:len(names)], strict=True))
+    grpc = dict(zip(names, drawn[len(names):], strict=True))
     cmd = [weed_binary(), "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-filer", "-s3", "-master.volumeSizeLimitMB=64", "-volume.max=8",
            "-volume.preStopSeconds=0", f"-filer.localSocket={root}/filer.sock",
