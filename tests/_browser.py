@@ -91,7 +91,7 @@ def free_port() -> int:
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports: every socket stays bound until all are drawn (the
-    kernel may hand a port it just got back out again: 2 in 1,000 draws of 8 repeat one)."""
+    kernel may hand out a port it just got back: about 2 in 1,000 groups of 8 draws repeat one)."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(count)]
         for sock in socks:
